@@ -1,0 +1,17 @@
+"""adalora_fast: a fast, PEFT-exact AdaLoRA runtime for PyTorch and Hugging Face transformers."""
+
+from .allocator import RankAllocator
+from .config import AdaLoraConfig
+from .layer import SVDLinear
+from .model import AdaLoraModel, get_adalora_model
+from .regularizer import orth_regularization
+
+__all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "RankAllocator",
+    "SVDLinear",
+    "get_adalora_model",
+    "orth_regularization",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,359 @@
+"""The rank allocator: importance EMAs, triplet scores, budget schedule and masks for all layers.
+
+:class:`RankAllocator` drives PEFT's three phases (warm-up, cubic budget decay, final fixed pattern)
+and delegates the tensor work to a scorer:
+
+* :class:`FlatScorer` (backend "torch", the default): all layers at once. Gradients and weights of
+  all A (B, E) are concatenated into one matrix per kind, the EMAs live in flat buffers owned by the
+  scorer, per-layer means are taken over same-shape groups of layers, and the E parameters are views
+  into one (M, r) buffer so that masking is a single op. The ATen op count of a step does not grow
+  with the number of layers, and nothing is read back to the host.
+* :class:`~adalora_fast.reference.ReferenceRankAllocator`: the per-layer spec; also used when layers
+  have different ranks (a pruned PEFT checkpoint loaded for training).
+
+Both keep their state in the same per-layer format for checkpoints, so either can resume the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import dispatch
+from .reference import ReferenceRankAllocator, budget_schedule, kth_smallest
+
+if TYPE_CHECKING:
+    from .config import AdaLoraConfig
+    from .layer import SVDLinear
+
+KINDS = ("lora_A", "lora_E", "lora_B")
+
+
+def _stable_order(keys: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Layer indices sorted (stably) by ``keys``, and groups (start, count, size) of equal keys."""
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    groups: list[tuple[int, int, int]] = []
+    offset = 0
+    for i in order:
+        size = keys[i]
+        if groups and groups[-1][2] == size:
+            start, count, _ = groups[-1]
+            groups[-1] = (start, count + 1, size)
+        else:
+            groups.append((offset, 1, size))
+        offset += size
+    return order, groups
+
+
+class FlatScorer:
+    """Vectorised scorer for layers that all have the same rank r."""
+
+    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int):
+        self.names = [n for n, _ in layers]
+        self.layers = [m for _, m in layers]
+        ranks = {m.lora_A.shape[0] for m in self.layers}
+        if len(ranks) != 1:
+            raise ValueError("FlatScorer needs one rank for all layers")
+        self.r = ranks.pop()
+        self.beta1, self.beta2 = beta1, beta2
+        m = len(self.layers)
+        self.init_bgt = self.r * m
+        self.target_bgt = target_r * m
+        # A matrices are concatenated along d_in, B along d_out, in orders sorted by that size so
+        # that layers of one shape are adjacent and their per-row means are one reduction.
+        self.a_order, self.a_groups = _stable_order([x.in_features for x in self.layers])
+        self.b_order, self.b_groups = _stable_order([x.out_features for x in self.layers])
+        self.a_offsets = self._offsets(self.a_order, [x.in_features for x in self.layers])
+        self.b_offsets = self._offsets(self.b_order, [x.out_features for x in self.layers])
+        self._a_inv: torch.Tensor | None = None
+        self._b_inv: torch.Tensor | None = None
+        self.flat_E: torch.Tensor | None = None
+        self._E_ptrs: list[int] = []
+        self.ema_ipt: dict[str, torch.Tensor] | None = None
+        self.ema_unc: dict[str, torch.Tensor] | None = None
+        self.bind()
+        self.keep = torch.ones(m, self.r, dtype=torch.bool, device=self.flat_E.device)
+
+    @staticmethod
+    def _offsets(order: list[int], sizes: list[int]) -> list[int]:
+        offsets = [0] * len(order)
+        pos = 0
+        for i in order:
+            offsets[i] = pos
+            pos += sizes[i]
+        return offsets
+
+    # ---- E storage ----------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Make every ``lora_E`` a view of one (M, r) buffer; re-done only when a pointer changed
+        (``model.to()``, ``load_state_dict(assign=True)``, ``.data`` replaced)."""
+        params = [x.lora_E for x in self.layers]
+        if self.flat_E is not None and all(
+            p.data_ptr() == ptr and p.device == self.flat_E.device and p.dtype == self.flat_E.dtype
+            for p, ptr in zip(params, self._E_ptrs, strict=True)
+        ):
+            return
+        with torch.no_grad():
+            flat = torch.stack([p.detach().reshape(-1) for p in params])
+            for i, p in enumerate(params):
+                p.data = flat[i].view(self.r, 1)
+        self.flat_E = flat
+        self._E_ptrs = [p.data_ptr() for p in params]
+        device = flat.device
+        self._a_inv = torch.tensor(self._inverse(self.a_order), device=device)
+        self._b_inv = torch.tensor(self._inverse(self.b_order), device=device)
+        if hasattr(self, "keep"):
+            self.keep = self.keep.to(device)
+        if self.ema_ipt is not None:
+            self.ema_ipt = {k: v.to(device) for k, v in self.ema_ipt.items()}
+            self.ema_unc = {k: v.to(device) for k, v in self.ema_unc.items()}
+
+    @staticmethod
+    def _inverse(order: list[int]) -> list[int]:
+        inv = [0] * len(order)
+        for pos, i in enumerate(order):
+            inv[i] = pos
+        return inv
+
+    # ---- scores -------------------------------------------------------------------------------
+    def _grad(self, name: str, kind: str, p: torch.Tensor) -> torch.Tensor:
+        if p.grad is None:
+            raise RuntimeError(
+                f"{name}.{kind} has no gradient: call update_and_allocate after backward() and "
+                "optimizer.step(), before zero_grad()"
+            )
+        return p.grad
+
+    def _gathered(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(weights, grads) per kind: A as (r, sum d_in), B as (sum d_out, r), E as (r, M)."""
+        a_layers = [self.layers[i] for i in self.a_order]
+        b_layers = [self.layers[i] for i in self.b_order]
+        a_names = [self.names[i] for i in self.a_order]
+        b_names = [self.names[i] for i in self.b_order]
+        return {
+            "lora_A": (
+                torch.cat([x.lora_A.detach() for x in a_layers], dim=1),
+                torch.cat([self._grad(n, "lora_A", x.lora_A) for n, x in zip(a_names, a_layers)], dim=1),
+            ),
+            "lora_B": (
+                torch.cat([x.lora_B.detach() for x in b_layers], dim=0),
+                torch.cat([self._grad(n, "lora_B", x.lora_B) for n, x in zip(b_names, b_layers)], dim=0),
+            ),
+            "lora_E": (
+                self.flat_E.T,
+                torch.cat(
+                    [self._grad(n, "lora_E", x.lora_E) for n, x in zip(self.names, self.layers)], dim=1
+                ),
+            ),
+        }
+
+    def update_scores(self) -> None:
+        self.bind()
+        b1, b2 = self.beta1, self.beta2
+        with torch.no_grad():
+            gathered = self._gathered()
+            if self.ema_ipt is None:
+                self.ema_ipt = {k: torch.zeros_like(g) for k, (_, g) in gathered.items()}
+                self.ema_unc = {k: torch.zeros_like(g) for k, (_, g) in gathered.items()}
+            for kind, (p, g) in gathered.items():
+                ipt = (p * g).abs_()
+                ema, unc = self.ema_ipt[kind], self.ema_unc[kind]
+                # Same products and sums as PEFT, element by element: b*ema + (1-b)*x.
+                ema.mul_(b1).add_(ipt * (1 - b1))
+                unc.mul_(b2).add_((ipt - ema).abs_().mul_(1 - b2))
+
+    def scores(self) -> torch.Tensor:
+        """Triplet scores, shape (M, r)."""
+        if self.ema_ipt is None:
+            raise RuntimeError("no importance scores yet: update_and_allocate has not run a scoring step")
+        s = {k: self.ema_ipt[k] * self.ema_unc[k] for k in KINDS}
+        r = self.r
+        mean_A = torch.cat(
+            [s["lora_A"][:, o : o + n * d].view(r, n, d).mean(dim=2) for o, n, d in self.a_groups], dim=1
+        ).index_select(1, self._a_inv)
+        mean_B = torch.cat(
+            [s["lora_B"][o : o + n * d].view(n, d, r).mean(dim=1) for o, n, d in self.b_groups], dim=0
+        ).index_select(0, self._b_inv)
+        return s["lora_E"].T + (mean_A.T + mean_B)
+
+    def mask_to_budget(self, budget: int) -> None:
+        with torch.no_grad():
+            scores = self.scores()
+            threshold = kth_smallest(scores.reshape(-1), self.init_bgt - budget)
+            torch.gt(scores, threshold, out=self.keep)
+            self.apply_keep()
+
+    def apply_keep(self) -> None:
+        self.bind()
+        with torch.no_grad():
+            self.flat_E.masked_fill_(self.keep.logical_not(), 0.0)
+
+    def free_scores(self) -> None:
+        self.ema_ipt = self.ema_unc = None
+
+    # ---- per-layer state (checkpoints, comparisons) -------------------------------------------
+    def layer_state(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.<kind>.ema_ipt" | ".ema_unc": tensor}`` in each parameter's shape."""
+        out: dict[str, torch.Tensor] = {}
+        if self.ema_ipt is None:
+            return out
+        for i, name in enumerate(self.names):
+            x = self.layers[i]
+            for tag, bufs in (("ema_ipt", self.ema_ipt), ("ema_unc", self.ema_unc)):
+                a, b = self.a_offsets[i], self.b_offsets[i]
+                out[f"{name}.lora_A.{tag}"] = bufs["lora_A"][:, a : a + x.in_features]
+                out[f"{name}.lora_B.{tag}"] = bufs["lora_B"][b : b + x.out_features]
+                out[f"{name}.lora_E.{tag}"] = bufs["lora_E"][:, i : i + 1]
+        return out
+
+    def load_layer_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            self.ema_ipt = self.ema_unc = None
+            return
+        self.bind()
+        device = self.flat_E.device
+        a_names = [self.names[i] for i in self.a_order]
+        b_names = [self.names[i] for i in self.b_order]
+        self.ema_ipt, self.ema_unc = {}, {}
+        for tag, bufs in (("ema_ipt", self.ema_ipt), ("ema_unc", self.ema_unc)):
+            bufs["lora_A"] = torch.cat([state[f"{n}.lora_A.{tag}"] for n in a_names], dim=1).to(device)
+            bufs["lora_B"] = torch.cat([state[f"{n}.lora_B.{tag}"] for n in b_names], dim=0).to(device)
+            bufs["lora_E"] = torch.cat([state[f"{n}.lora_E.{tag}"] for n in self.names], dim=1).to(device)
+
+    def keep_by_layer(self) -> dict[str, torch.Tensor]:
+        return {n: self.keep[i] for i, n in enumerate(self.names)}
+
+    def set_keep(self, keep: dict[str, torch.Tensor]) -> None:
+        self.keep = torch.stack([keep[n].to(torch.bool).reshape(-1) for n in self.names]).to(self.keep.device)
+
+
+def _reference_layer_state(ref: ReferenceRankAllocator) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if ref.ema_ipt is None:
+        return out
+    for n in ref.names:
+        for kind in KINDS:
+            out[f"{n}.{kind}.ema_ipt"] = ref.ema_ipt[n][kind]
+            out[f"{n}.{kind}.ema_unc"] = ref.ema_unc[n][kind]
+    return out
+
+
+class ReferenceScorer(ReferenceRankAllocator):
+    """The reference allocator with the scorer interface of :class:`FlatScorer`."""
+
+    def layer_state(self) -> dict[str, torch.Tensor]:
+        return _reference_layer_state(self)
+
+    def load_layer_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            self.free_scores()
+            return
+        self.ema_ipt = {n: {} for n in self.names}
+        self.ema_unc = {n: {} for n in self.names}
+        for n, layer in zip(self.names, self.layers, strict=True):
+            dev = layer.lora_A.device
+            for kind in KINDS:
+                self.ema_ipt[n][kind] = state[f"{n}.{kind}.ema_ipt"].to(dev).clone()
+                self.ema_unc[n][kind] = state[f"{n}.{kind}.ema_unc"].to(dev).clone()
+
+    def keep_by_layer(self) -> dict[str, torch.Tensor]:
+        return dict(self.keep)
+
+    def set_keep(self, keep: dict[str, torch.Tensor]) -> None:
+        self.keep = {n: keep[n].to(torch.bool).reshape(-1).clone() for n in self.names}
+
+
+def make_scorer(
+    layers: Sequence[tuple[str, SVDLinear]], config: AdaLoraConfig, backend: str
+) -> FlatScorer | ReferenceScorer:
+    """The scorer for ``backend`` ("reference" forces the per-layer spec)."""
+    args = (layers, config.beta1, config.beta2, config.target_r)
+    uniform = len({m.lora_A.shape[0] for _, m in layers}) == 1
+    if backend == "reference" or not uniform:
+        return ReferenceScorer(*args)
+    device = layers[0][1].lora_A.device
+    return dispatch.implementation("allocator", backend, device)(*args)
+
+
+dispatch.register("allocator", "torch", FlatScorer)
+
+
+class RankAllocator:
+    """PEFT's AdaLoRA schedule on top of a scorer. Call :meth:`update_and_allocate` after
+    ``optimizer.step()`` and before ``zero_grad()`` with the 0-based optimizer step."""
+
+    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], config: AdaLoraConfig, backend: str = "auto"):
+        self.config = config
+        self.names = [n for n, _ in layers]
+        self.scorer = make_scorer(layers, config, backend)
+        self.last_step: int | None = None
+        self.budget: int = self.scorer.init_bgt
+        self.masked = False  # a mask step has happened: the keep pattern is meaningful
+        self.finalized = False  # the final pattern is recorded (step >= T - tfinal)
+
+    @property
+    def init_bgt(self) -> int:
+        return self.scorer.init_bgt
+
+    @property
+    def target_bgt(self) -> int:
+        return self.scorer.target_bgt
+
+    def schedule(self, step: int) -> tuple[int, bool]:
+        cfg = self.config
+        return budget_schedule(
+            step,
+            init_bgt=self.init_bgt,
+            target_bgt=self.target_bgt,
+            tinit=cfg.tinit,
+            tfinal=cfg.tfinal,
+            total_step=cfg.total_step,
+            deltaT=cfg.deltaT,
+        )
+
+    def update_and_allocate(self, step: int) -> int:
+        """Update scores and masks for ``step``; returns the budget of that step (a Python int)."""
+        cfg = self.config
+        if cfg.total_step is None:
+            raise ValueError(
+                "total_step is None: set AdaLoraConfig.total_step (or call model.set_total_step(n)) "
+                "before update_and_allocate"
+            )
+        final_step = cfg.total_step - cfg.tfinal
+        if step < final_step:
+            self.scorer.update_scores()
+            budget, mask = self.schedule(step)
+            if mask:
+                self.scorer.mask_to_budget(budget)
+                self.masked = True
+        elif step == final_step:
+            # One forced mask at the target budget with the last scores; the pattern is then fixed.
+            self.scorer.mask_to_budget(self.target_bgt)
+            self.scorer.free_scores()
+            self.masked = self.finalized = True
+            budget = self.target_bgt
+        else:
+            if not self.masked:
+                raise RuntimeError(
+                    f"step {step} is past total_step - tfinal = {final_step} but no rank pattern was recorded"
+                )
+            # As PEFT: past the final step, the last recorded pattern is re-applied every step.
+            self.scorer.free_scores()
+            self.finalized = True
+            self.scorer.apply_keep()
+            budget = self.target_bgt
+        self.last_step = step
+        self.budget = budget
+        return budget
+
+    def rank_pattern(self) -> dict[str, list[bool]] | None:
+        """The keep pattern of the last mask step (host lists), or None before any mask step."""
+        if not self.masked:
+            return None
+        keep = self.scorer.keep_by_layer()
+        return {n: keep[n].cpu().tolist() for n in self.names}
+
+    def keep_mask(self) -> dict[str, torch.Tensor]:
+        return self.scorer.keep_by_layer()

@@ -1,0 +1,241 @@
+"""Checkpoints in PEFT's AdaLoRA format, plus a training-state file so that training resumes exactly.
+
+Files in a checkpoint directory:
+
+* ``adapter_config.json``: PEFT's AdaLoraConfig fields, ``rank_pattern`` as ``{module.lora_E: [bool]}``.
+* ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A|lora_E|lora_B``, pruned to the
+  kept ranks (PEFT loads this directory as is).
+* ``adalora_training_state.safetensors``: what the PEFT format drops: the full (unpruned) A, E, B,
+  the score EMAs, the keep masks, and the allocator's step and flags (metadata). Only trainable
+  models write it; ``from_pretrained(..., is_trainable=True)`` uses it to resume.
+
+Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdaLoraConfig
+from .layer import base_features
+from .targets import find_target_modules
+
+if TYPE_CHECKING:
+    from .model import AdaLoraModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+STATE_NAME = "adalora_training_state.safetensors"
+PREFIX = "base_model.model."
+STATE_FORMAT = 1
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    alloc = model.rank_allocator
+    masked = alloc is not None and alloc.masked
+    keep = alloc.keep_mask() if masked else {}
+    layers = model.adapted_layers
+    pruned_layers = any(layer.r != layer.init_r for _, layer in layers)
+
+    weights: dict[str, torch.Tensor] = {}
+    full: dict[str, torch.Tensor] = {}
+    rank_pattern = model.rank_pattern if (masked or pruned_layers) else None
+    for name, layer in layers:
+        tensors = {k: _cpu(getattr(layer, k)) for k in ("lora_A", "lora_E", "lora_B")}
+        for k, t in tensors.items():
+            full[f"{name}.{k}"] = t
+        if masked:
+            idx = keep[name].to("cpu", torch.bool)
+            tensors = {"lora_A": tensors["lora_A"][idx], "lora_E": tensors["lora_E"][idx],
+                       "lora_B": tensors["lora_B"][:, idx]}  # fmt: skip
+        for k, t in tensors.items():
+            weights[f"{PREFIX}{name}.{k}"] = t.contiguous()
+
+    cfg = model.adalora_config.to_peft_dict()
+    cfg["rank_pattern"] = (
+        None if rank_pattern is None else {f"{n}.lora_E": p for n, p in rank_pattern.items()}
+    )
+    cfg["target_modules"] = model.adalora_config.target_modules
+    if cfg["target_modules"] is None:  # record what the defaults picked, so that PEFT finds the same modules
+        cfg["target_modules"] = sorted(model.adapted_names)
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    _atomic_write(
+        out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    )
+
+    if alloc is None:
+        return
+    state = dict(full)
+    for key, t in alloc.scorer.layer_state().items():
+        state[f"scores.{key}"] = _cpu(t)
+    for name, k in alloc.keep_mask().items():
+        state[f"keep.{name}"] = _cpu(k).to(torch.uint8)
+    meta = {
+        "format": STATE_FORMAT,
+        "modules": model.adapted_names,
+        "last_step": alloc.last_step,
+        "budget": alloc.budget,
+        "masked": alloc.masked,
+        "finalized": alloc.finalized,
+        "loaded_patterns": {n: getattr(layer, "loaded_pattern", None) for n, layer in layers},
+    }
+    _atomic_write(out / STATE_NAME, lambda tmp: save_file(state, tmp, metadata={"json": json.dumps(meta)}))
+
+
+def _read_config(path: Path) -> AdaLoraConfig:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a PEFT/adalora_fast adapter checkpoint")
+    raw = json.loads(cfg_path.read_text())
+    return AdaLoraConfig.from_peft_dict(raw)
+
+
+def _module_names_in(weights: dict[str, torch.Tensor], path: Path) -> set[str]:
+    names = set()
+    for key in weights:
+        if not key.startswith(PREFIX) or key.rsplit(".", 1)[-1] not in ("lora_A", "lora_E", "lora_B"):
+            raise ValueError(f"{path / WEIGHTS_NAME}: unexpected key {key!r} (not an AdaLoRA adapter tensor)")
+        names.add(key[len(PREFIX) :].rsplit(".", 1)[0])
+    return names
+
+
+def _check_layer(name: str, base: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> int:
+    try:
+        d_in, d_out, _ = base_features(base)
+    except TypeError as err:
+        raise ValueError(f"{source}: module {name!r} of the model is {type(base).__name__}: {err}") from None
+    for k in ("lora_A", "lora_E", "lora_B"):
+        if k not in tensors:
+            raise ValueError(f"{source}: module {name!r} has no {k}")
+    r = tensors["lora_A"].shape[0]
+    want = {"lora_A": (r, d_in), "lora_E": (r, 1), "lora_B": (d_out, r)}
+    for k, shape in want.items():
+        if tuple(tensors[k].shape) != shape:
+            raise ValueError(
+                f"{source}: module {name!r}: {k} has shape {tuple(tensors[k].shape)}, the model needs {shape} "
+                f"(d_in={d_in}, d_out={d_out}, r={r})"
+            )
+    return r
+
+
+def load_pretrained(
+    cls: type[AdaLoraModel],
+    model: nn.Module,
+    path: str | os.PathLike,
+    is_trainable: bool = False,
+    backend: str | None = None,
+) -> AdaLoraModel:
+    """Load a checkpoint written by adalora_fast or by PEFT's AdaLoRA onto ``model``.
+
+    Everything is checked against the model before the model is touched: nothing is half-loaded.
+    """
+    root = Path(path)
+    config = _read_config(root)
+    if backend is not None:
+        config.backend = backend
+    weights_path = root / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {root}")
+    weights = load_file(str(weights_path))
+    state_path = root / STATE_NAME
+    use_state = is_trainable and state_path.is_file()
+    meta: dict[str, Any] = {}
+    if use_state:
+        from safetensors import safe_open
+
+        with safe_open(str(state_path), framework="pt") as f:
+            meta = json.loads(f.metadata()["json"])
+        state = load_file(str(state_path))
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"{state_path}: unknown training-state format {meta.get('format')!r}")
+
+    targets = find_target_modules(model, config.target_modules, config.exclude_modules)
+    in_ckpt = _module_names_in(weights, root)
+    missing = sorted(set(targets) - in_ckpt)
+    extra = sorted(in_ckpt - set(targets))
+    if extra:
+        raise ValueError(f"{weights_path}: module {extra[0]!r} is not an adapted module of this model")
+    if missing:
+        raise ValueError(f"{weights_path}: no weights for module {missing[0]!r} of this model")
+
+    pattern_cfg = config.rank_pattern or {}
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    patterns: dict[str, list[bool] | None] = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        if use_state:
+            tensors = {k: state[f"{name}.{k}"] for k in ("lora_A", "lora_E", "lora_B")}
+            r = _check_layer(name, base, tensors, str(state_path))
+            patterns[name] = (meta.get("loaded_patterns") or {}).get(name)
+        else:
+            tensors = {k: weights[f"{PREFIX}{name}.{k}"] for k in ("lora_A", "lora_E", "lora_B")}
+            r = _check_layer(name, base, tensors, str(weights_path))
+            pattern = pattern_cfg.get(f"{name}.lora_E")
+            if pattern is not None and (len(pattern) != config.init_r or sum(pattern) != r):
+                raise ValueError(
+                    f"{root / CONFIG_NAME}: rank_pattern of {name!r} keeps {sum(pattern)} of {len(pattern)} "
+                    f"ranks but the weights have rank {r} (init_r={config.init_r})"
+                )
+            if pattern is None and r != config.init_r:
+                raise ValueError(f"{weights_path}: module {name!r} has rank {r}, init_r is {config.init_r}")
+            patterns[name] = pattern if pattern is not None and r != config.init_r else None
+        if r != config.init_r and patterns[name] is None:
+            raise ValueError(f"{state_path}: module {name!r} has rank {r} but no recorded pattern")
+        per_layer[name] = tensors
+
+    wrapped = cls(model, config, is_trainable=False)
+    for name, layer in wrapped.adapted_layers:
+        tensors = per_layer[name]
+        r = tensors["lora_A"].shape[0]
+        if r != layer.r:
+            layer.resize(r)
+            layer.loaded_pattern = patterns[name]
+        with torch.no_grad():
+            for k, t in tensors.items():
+                getattr(layer, k).copy_(t)
+    wrapped.is_trainable = is_trainable
+    if not is_trainable:
+        wrapped.requires_grad_(False)
+        wrapped.eval()
+        return wrapped
+    for _, layer in wrapped.adapted_layers:
+        for k in ("lora_A", "lora_E", "lora_B"):
+            getattr(layer, k).requires_grad_(True)
+    wrapped.build_allocator()
+    alloc = wrapped.rank_allocator
+    if use_state:
+        scores = {k[len("scores.") :]: v for k, v in state.items() if k.startswith("scores.")}
+        alloc.scorer.load_layer_state(scores)
+        alloc.scorer.set_keep({n: state[f"keep.{n}"] for n in targets})
+        alloc.last_step = meta["last_step"]
+        alloc.budget = meta["budget"]
+        alloc.masked = meta["masked"]
+        alloc.finalized = meta["finalized"]
+    return wrapped

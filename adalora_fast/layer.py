@@ -1,0 +1,105 @@
+"""The adapted layer: a frozen base linear plus the AdaLoRA update ``B diag(E) A``.
+
+Parameter names and shapes are PEFT's (``lora_A`` r x d_in, ``lora_E`` r x 1, ``lora_B`` d_out x r,
+frozen ``ranknum``), without PEFT's per-adapter ``.default`` level: one adapter per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import dispatch
+from .reference import delta_weight
+
+
+def base_features(base: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, fan_in_fan_out) of a supported base layer."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if isinstance(base, Conv1D):  # GPT-2 style: weight stored as (d_in, d_out)
+        d_in, d_out = base.weight.shape
+        return d_in, d_out, True
+    raise TypeError(f"unsupported base layer {type(base).__name__}: AdaLoRA adapts nn.Linear and Conv1D")
+
+
+class SVDLinear(nn.Module):
+    """``y = base(x) + dropout(x) A^T diag(E) B^T * lora_alpha / (ranknum + 1e-5)``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_r: int | None = None,
+        backend: str = "auto",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fan_in_fan_out = base_features(base_layer)
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        self.r = r
+        self.init_r = init_r if init_r is not None else r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha if lora_alpha > 0 else float(self.init_r)
+        self.backend = backend
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        weight = base_layer.weight
+        # Created on the CPU in PEFT's order (A, E, B, ranknum, then re-init), so that one seed gives
+        # PEFT's initial values; then moved to the base device.
+        A = torch.randn(r, self.in_features)
+        E = torch.randn(r, 1)
+        B = torch.randn(self.out_features, r)
+        torch.randn(1)  # PEFT draws ranknum's placeholder from the same stream
+        with torch.no_grad():
+            nn.init.zeros_(E)
+            nn.init.normal_(A, mean=0.0, std=0.02)
+            nn.init.normal_(B, mean=0.0, std=0.02)
+        dtype = adapter_dtype if adapter_dtype is not None else torch.float32
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            # PEFT casts adapters to the base dtype, then back up: initial values are base-dtype-rounded.
+            A, B = A.to(weight.dtype), B.to(weight.dtype)
+
+        def param(t: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+            return nn.Parameter(t.to(device=weight.device, dtype=dtype), requires_grad=requires_grad)
+
+        self.lora_A = param(A)
+        self.lora_E = param(E)
+        self.lora_B = param(B)
+        # ranknum == init_r for ever, also after pruning and reload (PEFT's scale contract).
+        self.ranknum = param(torch.full((1,), float(self.init_r)), requires_grad=False)
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers code sometimes reads `.weight` of linears
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def resize(self, r: int) -> None:
+        """Re-create A, E, B at rank ``r`` (used when loading pruned checkpoints); ranknum unchanged."""
+        dev, dtype = self.lora_A.device, self.lora_A.dtype
+        self.r = r
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=dev, dtype=dtype))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """dW in the base weight's layout (transposed for Conv1D), in the adapter dtype."""
+        dw = delta_weight(self.lora_A, self.lora_E, self.lora_B, self.scaling, self.ranknum)
+        return dw.T if self.fan_in_fan_out else dw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return dispatch.svd_linear(self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"r={self.r}, init_r={self.init_r}, scaling={self.scaling}, fan_in_fan_out={self.fan_in_fan_out}"
+        )

@@ -1,0 +1,161 @@
+"""The model wrapper: inject :class:`SVDLinear` layers, add the regulariser, drive the allocator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocator import RankAllocator
+from .config import AdaLoraConfig
+from .layer import SVDLinear
+from .regularizer import orth_regularization
+from .targets import find_target_modules
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+class AdaLoraModel(nn.Module):
+    """A transformers (or any torch) model with AdaLoRA adapters on its target linears.
+
+    ``forward`` calls the wrapped model and, when it returns a loss, adds
+    ``orth_reg_weight * orth_regularization()`` to it (whatever the task).
+    """
+
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, is_trainable: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.adalora_config = config
+        self.backend = config.resolved_backend
+        self.adapted_names = find_target_modules(model, config.target_modules, config.exclude_modules)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in self.adapted_names:
+            base = model.get_submodule(name)
+            layer = SVDLinear(
+                base, config.init_r, config.lora_alpha, config.lora_dropout, backend=self.backend
+            )
+            _replace_module(model, name, layer)
+        self.is_trainable = is_trainable
+        self.rank_allocator: RankAllocator | None = None
+        if is_trainable:
+            self.build_allocator()
+        else:
+            self.requires_grad_(False)
+
+    # ---- access -------------------------------------------------------------------------------
+    @property
+    def adapted_layers(self) -> list[tuple[str, SVDLinear]]:
+        return [(n, self.model.get_submodule(n)) for n in self.adapted_names]
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def build_allocator(self) -> None:
+        """(Re)create the allocator for the current layers (after resizing layers)."""
+        self.rank_allocator = RankAllocator(self.adapted_layers, self.adalora_config, self.backend)
+
+    # ---- forward and regulariser ------------------------------------------------------------
+    def orth_regularization(self) -> torch.Tensor:
+        """``R``: mean of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` over all adapted layers."""
+        layers = [m for _, m in self.adapted_layers]
+        return orth_regularization([m.lora_A for m in layers], [m.lora_B for m in layers], self.backend)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = self.model(*args, **kwargs)
+        weight = self.adalora_config.orth_reg_weight
+        if weight <= 0:
+            return outputs
+        loss = getattr(outputs, "loss", None) if not isinstance(outputs, tuple) else None
+        if isinstance(loss, torch.Tensor):
+            outputs.loss = loss + weight * self.orth_regularization()
+        elif (
+            isinstance(outputs, tuple)
+            and kwargs.get("labels") is not None
+            and outputs
+            and isinstance(outputs[0], torch.Tensor)
+            and outputs[0].dim() == 0
+        ):
+            # return_dict=False: transformers puts the loss first when labels are given.
+            outputs = (outputs[0] + weight * self.orth_regularization(), *outputs[1:])
+        return outputs
+
+    # ---- allocation ---------------------------------------------------------------------------
+    def set_total_step(self, total_step: int) -> None:
+        self.adalora_config.set_total_step(total_step)
+
+    def update_and_allocate(self, global_step: int) -> int:
+        """Update importance scores and rank masks; call after ``optimizer.step()``, before
+        ``zero_grad()``, with the 0-based step. Returns the rank budget of that step."""
+        if self.rank_allocator is None:
+            raise RuntimeError("this AdaLoraModel was loaded for inference (is_trainable=False)")
+        return self.rank_allocator.update_and_allocate(global_step)
+
+    @property
+    def rank_pattern(self) -> dict[str, list[bool]]:
+        """``{adapted module name: [bool] * init_r}``: the ranks kept by the last mask step
+        (all True before the first one)."""
+        out: dict[str, list[bool]] = {}
+        keep = self.rank_allocator.keep_mask() if self.rank_allocator is not None else {}
+        masked = self.rank_allocator is not None and self.rank_allocator.masked
+        for name, layer in self.adapted_layers:
+            local = keep[name].cpu().tolist() if masked else [True] * layer.r
+            out[name] = expand_pattern(getattr(layer, "loaded_pattern", None), local, layer.init_r)
+        return out
+
+    def kept_ranks(self) -> dict[str, int]:
+        return {n: sum(p) for n, p in self.rank_pattern.items()}
+
+    # ---- checkpoints and merging --------------------------------------------------------------
+    def save_pretrained(self, path: str) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, path: str, is_trainable: bool = False, backend: str | None = None
+    ) -> AdaLoraModel:
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, model, path, is_trainable=is_trainable, backend=backend)
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every update into its base weight (computed in fp32, cast once) and return the plain
+        base model with the original module types."""
+        for name, layer in self.adapted_layers:
+            base = layer.base_layer
+            delta = layer.get_delta_weight().to(torch.float32)
+            base.weight.copy_((base.weight.to(torch.float32) + delta).to(base.weight.dtype))
+            _replace_module(self.model, name, base)
+        self.adapted_names = []
+        self.rank_allocator = None
+        return self.model
+
+
+def expand_pattern(loaded: list[bool] | None, local: list[bool], init_r: int) -> list[bool]:
+    """A layer's pattern over init_r ranks: ``local`` covers the ranks the layer holds now, which are
+    the True positions of ``loaded`` when the layer was loaded pruned."""
+    if loaded is None:
+        return list(local) + [False] * (init_r - len(local))
+    it = iter(local)
+    return [bool(next(it)) if kept else False for kept in loaded]
+
+
+def get_adalora_model(model: nn.Module, config: AdaLoraConfig) -> AdaLoraModel:
+    """Wrap ``model`` with AdaLoRA adapters on the modules ``config`` targets."""
+    return AdaLoraModel(model, config)

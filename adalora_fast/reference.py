@@ -1,0 +1,170 @@
+"""The pure-PyTorch reference: readable, per layer, and the spec every fast path is checked against.
+
+It follows the numeric contract of PEFT 0.21's AdaLoRA item by item (``shared/DESIGN.md`` §2):
+the same formulas, evaluated in the same order, so that fp32 results match PEFT bit for bit where
+PEFT's own op order is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .layer import SVDLinear
+
+RANKNUM_EPS = 1e-5
+
+
+def adapter_scale(scaling: float, ranknum: torch.Tensor) -> torch.Tensor:
+    """``scaling / (ranknum + 1e-5)``; ranknum stays init_r for ever (also after pruning)."""
+    return scaling / (ranknum + RANKNUM_EPS)
+
+
+def svd_adapter(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    ranknum: torch.Tensor,
+) -> torch.Tensor:
+    """The adapter branch ``((x @ (A*E)^T) @ B^T) * scaling / (ranknum + 1e-5)`` in PEFT's op order.
+
+    ``x`` is the (already dropped-out) input, cast to the adapter dtype by the caller.
+    """
+    return (x @ (lora_A * lora_E).T @ lora_B.T) * scaling / (ranknum + RANKNUM_EPS)
+
+
+def delta_weight(
+    lora_A: torch.Tensor, lora_E: torch.Tensor, lora_B: torch.Tensor, scaling: float, ranknum: torch.Tensor
+) -> torch.Tensor:
+    """Dense ``dW = B diag(E) A * scale`` (d_out x d_in), as PEFT's ``get_delta_weight``."""
+    return lora_B @ (lora_A * lora_E) * scaling / (ranknum + RANKNUM_EPS)
+
+
+def budget_schedule(
+    step: int, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int, deltaT: int
+) -> tuple[int, bool]:
+    """Total rank budget at ``step`` and whether this step masks (cubic schedule, float64 math)."""
+    if step <= tinit:
+        return init_bgt, False
+    if step > total_step - tfinal:
+        return target_bgt, True
+    mul_coeff = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    budget = int((init_bgt - target_bgt) * (mul_coeff**3) + target_bgt)
+    return budget, step % deltaT == 0
+
+
+def update_importance_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    ema_ipt: torch.Tensor,
+    ema_unc: torch.Tensor,
+    beta1: float,
+    beta2: float,
+) -> None:
+    """Sensitivity ``I = |p * g|`` smoothed into ``ema_ipt``; uncertainty ``|I - ema_ipt_new|`` into
+    ``ema_unc`` (both in place; updated-mean semantics, PEFT's op order)."""
+    ipt = (param * grad).abs()
+    ema_ipt.copy_(beta1 * ema_ipt + (1 - beta1) * ipt)
+    ema_unc.copy_(beta2 * ema_unc + (1 - beta2) * (ipt - ema_ipt).abs())
+
+
+def triplet_scores(s_A: torch.Tensor, s_E: torch.Tensor, s_B: torch.Tensor) -> torch.Tensor:
+    """``S_i = s_E[i] + (mean_j s_A[i, j] + mean_k s_B[k, i])`` for one layer, shape (r,)."""
+    mean_A = torch.mean(s_A, dim=1, keepdim=True)
+    mean_B = torch.mean(s_B, dim=0, keepdim=False).view(-1, 1)
+    ipt_AB = torch.cat([mean_A, mean_B], dim=1).sum(dim=1)
+    return s_E.view(-1) + ipt_AB.view(-1)
+
+
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest score (1-based) as a 0-d tensor; ``-inf`` when k == 0 (nothing to prune)."""
+    if k <= 0:
+        return torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device)
+    return torch.kthvalue(scores, k)[0]
+
+
+def orth_regularization(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over all A and B of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` (not squared)."""
+    total = None
+    count = 0
+    for A, B in zip(lora_As, lora_Bs, strict=True):
+        for cov in (A @ A.T, B.T @ B):
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            term = torch.norm(cov - eye, p="fro")
+            total = term if total is None else total + term
+            count += 1
+    if total is None:
+        raise ValueError("orth_regularization needs at least one adapted layer")
+    return total / count
+
+
+class ReferenceRankAllocator:
+    """PEFT's RankAllocator, per layer and readable. Works for any per-layer ranks.
+
+    State is kept per layer: ``ema_ipt[name][kind]`` / ``ema_unc[name][kind]`` for kind in
+    ``("lora_A", "lora_E", "lora_B")`` and ``keep[name]`` (bool, shape (r,)).
+    """
+
+    KINDS = ("lora_A", "lora_E", "lora_B")
+
+    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int):
+        self.names = [n for n, _ in layers]
+        self.layers = [m for _, m in layers]
+        self.beta1, self.beta2 = beta1, beta2
+        self.init_bgt = sum(m.lora_A.shape[0] for m in self.layers)
+        self.target_bgt = target_r * len(self.layers)
+        self.ema_ipt: dict[str, dict[str, torch.Tensor]] | None = None
+        self.ema_unc: dict[str, dict[str, torch.Tensor]] | None = None
+        self.keep = {n: torch.ones(m.lora_E.shape[0], dtype=torch.bool) for n, m in layers}
+
+    def update_scores(self) -> None:
+        if self.ema_ipt is None:
+            self.ema_ipt = {n: {} for n in self.names}
+            self.ema_unc = {n: {} for n in self.names}
+        with torch.no_grad():
+            for name, layer in zip(self.names, self.layers, strict=True):
+                for kind in self.KINDS:
+                    p = getattr(layer, kind)
+                    if p.grad is None:
+                        raise RuntimeError(
+                            f"{name}.{kind} has no gradient: call update_and_allocate after backward() "
+                            "and optimizer.step(), before zero_grad()"
+                        )
+                    if kind not in self.ema_ipt[name]:
+                        self.ema_ipt[name][kind] = torch.zeros_like(p)
+                        self.ema_unc[name][kind] = torch.zeros_like(p)
+                    update_importance_(
+                        p, p.grad, self.ema_ipt[name][kind], self.ema_unc[name][kind], self.beta1, self.beta2
+                    )
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Triplet scores per layer (shape (r,))."""
+        if self.ema_ipt is None:
+            raise RuntimeError("no importance scores yet: update_and_allocate has not run a scoring step")
+        out = {}
+        for name in self.names:
+            s = {k: self.ema_ipt[name][k] * self.ema_unc[name][k] for k in self.KINDS}
+            out[name] = triplet_scores(s["lora_A"], s["lora_E"], s["lora_B"])
+        return out
+
+    def mask_to_budget(self, budget: int) -> None:
+        scores = self.scores()
+        threshold = kth_smallest(torch.cat([scores[n] for n in self.names]), self.init_bgt - budget)
+        with torch.no_grad():
+            for name, layer in zip(self.names, self.layers, strict=True):
+                masked = scores[name] <= threshold
+                layer.lora_E.masked_fill_(masked.view(-1, 1), 0.0)
+                self.keep[name] = (~masked).to(self.keep[name].device)
+
+    def apply_keep(self) -> None:
+        with torch.no_grad():
+            for name, layer in zip(self.names, self.layers, strict=True):
+                layer.lora_E.masked_fill_(~self.keep[name].to(layer.lora_E.device).view(-1, 1), 0.0)
+
+    def free_scores(self) -> None:
+        self.ema_ipt = self.ema_unc = None
