@@ -135,16 +135,21 @@ class FlatScorer:
         return {
             "lora_A": (
                 torch.cat([x.lora_A.detach() for x in a_layers], dim=1),
-                torch.cat([self._grad(n, "lora_A", x.lora_A) for n, x in zip(a_names, a_layers)], dim=1),
+                torch.cat(
+                    [self._grad(n, "lora_A", x.lora_A) for n, x in zip(a_names, a_layers, strict=True)], dim=1
+                ),
             ),
             "lora_B": (
                 torch.cat([x.lora_B.detach() for x in b_layers], dim=0),
-                torch.cat([self._grad(n, "lora_B", x.lora_B) for n, x in zip(b_names, b_layers)], dim=0),
+                torch.cat(
+                    [self._grad(n, "lora_B", x.lora_B) for n, x in zip(b_names, b_layers, strict=True)], dim=0
+                ),
             ),
             "lora_E": (
                 self.flat_E.T,
                 torch.cat(
-                    [self._grad(n, "lora_E", x.lora_E) for n, x in zip(self.names, self.layers)], dim=1
+                    [self._grad(n, "lora_E", x.lora_E) for n, x in zip(self.names, self.layers, strict=True)],
+                    dim=1,
                 ),
             ),
         }

@@ -139,7 +139,8 @@ def _check_layer(name: str, base: nn.Module, tensors: dict[str, torch.Tensor], s
     for k, shape in want.items():
         if tuple(tensors[k].shape) != shape:
             raise ValueError(
-                f"{source}: module {name!r}: {k} has shape {tuple(tensors[k].shape)}, the model needs {shape} "
+                f"{source}: module {name!r}: {k} has shape {tuple(tensors[k].shape)}, "
+                f"the model needs {shape} "
                 f"(d_in={d_in}, d_out={d_out}, r={r})"
             )
     return r
