@@ -134,13 +134,13 @@ class FlatScorer:
         b_names = [self.names[i] for i in self.b_order]
         return {
             "lora_A": (
-                torch.cat([x.lora_A.detach() for x in a_layers], dim=1),
+                torch.cat([x.lora_A for x in a_layers], dim=1),
                 torch.cat(
                     [self._grad(n, "lora_A", x.lora_A) for n, x in zip(a_names, a_layers, strict=True)], dim=1
                 ),
             ),
             "lora_B": (
-                torch.cat([x.lora_B.detach() for x in b_layers], dim=0),
+                torch.cat([x.lora_B for x in b_layers], dim=0),
                 torch.cat(
                     [self._grad(n, "lora_B", x.lora_B) for n, x in zip(b_names, b_layers, strict=True)], dim=0
                 ),
