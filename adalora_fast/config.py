@@ -122,6 +122,7 @@ class AdaLoraConfig:
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> AdaLoraConfig:
         peft_type = d.get("peft_type")
+        peft_type = getattr(peft_type, "value", peft_type)  # PEFT's in-memory dicts hold an enum
         if peft_type is not None and str(peft_type).upper() != "ADALORA":
             raise ValueError(
                 f"adapter_config.json has peft_type {peft_type!r}; adalora_fast loads ADALORA adapters only"

@@ -1,0 +1,133 @@
+"""find_target_modules: default picks, list (suffix) and string (full regex) specs, exclusions."""
+
+from __future__ import annotations
+
+import pytest
+from _models import LLAMA_PROJ, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import adalora_fast as af
+from adalora_fast.targets import find_target_modules
+
+
+def _llama_names(layers: int = 2, projs=LLAMA_PROJ) -> list[str]:
+    out = []
+    for i in range(layers):
+        for p in projs:
+            part = "self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            out.append(f"model.layers.{i}.{part}.{p}")
+    return out
+
+
+def test_default_llama_picks_all_seven_projections():
+    model = tiny_llama()
+    names = find_target_modules(model, None, None)
+    assert sorted(names) == sorted(_llama_names())
+    assert "lm_head" not in names
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
+    # named_modules order
+    order = [n for n, _ in model.named_modules()]
+    assert names == sorted(names, key=order.index)
+
+
+def test_default_llama_model_adapts_them():
+    model = af.get_adalora_model(tiny_llama(), af.AdaLoraConfig())
+    assert sorted(model.adapted_names) == sorted(_llama_names())
+    assert isinstance(model.model.lm_head, nn.Linear)
+    assert all(isinstance(m, af.SVDLinear) for _, m in model.adapted_layers)
+
+
+def test_default_gpt2_picks_conv1d():
+    model = tiny_gpt2()
+    names = find_target_modules(model, None, None)
+    expected = [
+        f"transformer.h.{i}.{n}"
+        for i in range(2)
+        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert sorted(names) == sorted(expected)
+    assert "lm_head" not in names
+    assert all(isinstance(model.get_submodule(n), Conv1D) for n in names)
+
+
+def test_gpt2_model_marks_fan_in_fan_out():
+    model = af.get_adalora_model(tiny_gpt2(), af.AdaLoraConfig())
+    for name, layer in model.adapted_layers:
+        assert layer.fan_in_fan_out, name
+        d_in, d_out = layer.base_layer.weight.shape
+        assert layer.lora_A.shape == (12, d_in)
+        assert layer.lora_B.shape == (d_out, 12)
+
+
+def test_default_bert_excludes_pooler():
+    model = tiny_bert()
+    names = find_target_modules(model, None, None)
+    assert "pooler.dense" not in names
+    expected = [
+        f"encoder.layer.{i}.{n}"
+        for i in range(2)
+        for n in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        )
+    ]
+    assert sorted(names) == sorted(expected)
+
+
+def test_list_is_suffix_match():
+    model = tiny_llama()
+    assert find_target_modules(model, ["q_proj", "v_proj"], None) == _llama_names(projs=["q_proj", "v_proj"])
+    # a full dotted suffix works, a partial component does not
+    assert find_target_modules(model, ["self_attn.o_proj"], None) == _llama_names(projs=["o_proj"])
+    with pytest.raises(ValueError, match="target_modules"):
+        find_target_modules(model, ["proj"], None)
+    with pytest.raises(ValueError, match="target_modules"):
+        find_target_modules(model, ["_proj"], None)
+    # an exact full name
+    assert find_target_modules(model, ["model.layers.1.mlp.up_proj"], None) == ["model.layers.1.mlp.up_proj"]
+    # an explicit list may name the head
+    assert find_target_modules(model, ["lm_head"], None) == ["lm_head"]
+
+
+def test_list_skips_non_linear_modules():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="target_modules"):
+        find_target_modules(model, ["self_attn", "mlp", "embed_tokens"], None)
+
+
+def test_string_is_full_regex():
+    model = tiny_llama()
+    assert find_target_modules(model, r".*\.(q|k)_proj", None) == _llama_names(projs=["q_proj", "k_proj"])
+    assert find_target_modules(model, r"model\.layers\.0\..*_proj", None) == _llama_names(1)
+    # full match: a regex matching only a substring matches nothing
+    with pytest.raises(ValueError, match="target_modules"):
+        find_target_modules(model, "q_proj", None)
+    with pytest.raises(ValueError, match="target_modules"):
+        find_target_modules(model, r"model\.layers\.0", None)
+
+
+def test_exclude_modules_list_and_regex():
+    model = tiny_llama()
+    names = find_target_modules(model, None, ["k_proj", "down_proj"])
+    assert sorted(names) == sorted(_llama_names(projs=["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]))
+    names = find_target_modules(model, ["q_proj", "v_proj"], r"model\.layers\.1\..*")
+    assert names == _llama_names(1, projs=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="exclude_modules"):
+        find_target_modules(model, ["q_proj"], ["q_proj"])
+
+
+def test_exclude_via_config():
+    cfg = af.AdaLoraConfig(
+        target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.v_proj"]
+    )
+    model = af.get_adalora_model(tiny_llama(), cfg)
+    assert model.adapted_names == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
