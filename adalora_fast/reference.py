@@ -120,7 +120,7 @@ class ReferenceRankAllocator:
         self.target_bgt = target_r * len(self.layers)
         self.ema_ipt: dict[str, dict[str, torch.Tensor]] | None = None
         self.ema_unc: dict[str, dict[str, torch.Tensor]] | None = None
-        self.keep = {n: torch.ones(m.lora_E.shape[0], dtype=torch.bool) for n, m in layers}
+        self.keep = {n: torch.ones(m.lora_E.shape[0], dtype=torch.bool, device=m.lora_E.device) for n, m in layers}
 
     def update_scores(self) -> None:
         if self.ema_ipt is None:
@@ -159,7 +159,7 @@ class ReferenceRankAllocator:
             for name, layer in zip(self.names, self.layers, strict=True):
                 masked = scores[name] <= threshold
                 layer.lora_E.masked_fill_(masked.view(-1, 1), 0.0)
-                self.keep[name] = (~masked).to(self.keep[name].device)
+                self.keep[name] = ~masked
 
     def apply_keep(self) -> None:
         with torch.no_grad():
