@@ -120,7 +120,9 @@ class ReferenceRankAllocator:
         self.target_bgt = target_r * len(self.layers)
         self.ema_ipt: dict[str, dict[str, torch.Tensor]] | None = None
         self.ema_unc: dict[str, dict[str, torch.Tensor]] | None = None
-        self.keep = {n: torch.ones(m.lora_E.shape[0], dtype=torch.bool, device=m.lora_E.device) for n, m in layers}
+        self.keep = {
+            n: torch.ones(m.lora_E.shape[0], dtype=torch.bool, device=m.lora_E.device) for n, m in layers
+        }
 
     def update_scores(self) -> None:
         if self.ema_ipt is None:
