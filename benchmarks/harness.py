@@ -1,0 +1,264 @@
+"""Shared helpers for the project's benchmarks: tiny models, timers, and the results CSV.
+
+Every benchmark appends its measurements to a CSV under ``benchmarks/results/`` with the columns in
+:data:`COLUMNS` (``shared/DESIGN.md`` §6). The environment columns (gpu, torch, triton, commit, date)
+are filled in here; a benchmark passes the others and leaves the ones that do not apply out (they
+are written as empty strings).
+
+Timers: :func:`time_cpu` (median of wall times, for CPU runs and standalone scripts),
+:func:`time_cpu_interleaved` (round-robin over several callables, for fair ratios on a shared
+machine) and :func:`gpu_median_ms` (``triton.testing.do_bench``, median, CUDA only; triton is
+imported lazily).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+REPO_ROOT = BENCH_DIR.parent
+
+COLUMNS = (
+    "op",
+    "mode",
+    "provider",
+    "d_in",
+    "d_out",
+    "tokens",
+    "r",
+    "dtype",
+    "median_ms",
+    "gpu",
+    "torch",
+    "triton",
+    "commit",
+    "date",
+)
+ENV_COLUMNS = ("gpu", "torch", "triton", "commit", "date")
+
+LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---- models -------------------------------------------------------------------------------------
+def tiny_llama(
+    layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    vocab: int = 64,
+    seed: int = 0,
+    *,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    max_positions: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` built from a ``LlamaConfig`` (no downloads).
+
+    ``heads`` defaults to ``hidden // 64`` (at least 1) and ``kv_heads`` to ``heads`` (plain
+    multi-head attention, so q/k/v/o are all hidden x hidden). One ``seed`` gives the same weights.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = heads if heads is not None else max(1, hidden // 64)
+    kv_heads = kv_heads if kv_heads is not None else heads
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden={hidden}, heads={heads}, kv_heads={kv_heads} do not divide")
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    return model.to(device=device, dtype=dtype)
+
+
+# ---- environment --------------------------------------------------------------------------------
+def gpu_name() -> str:
+    """``torch.cuda.get_device_name()``, or "cpu" without CUDA."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return getattr(triton, "__version__", "")
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of the repository, or "unknown"."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def utc_date() -> str:
+    """Today's date in UTC, ISO format (YYYY-MM-DD)."""
+    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+
+
+def environment() -> dict[str, str]:
+    """The environment columns of a results row."""
+    return {
+        "gpu": gpu_name(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "commit": git_commit(),
+        "date": utc_date(),
+    }
+
+
+def describe_environment() -> str:
+    """One line for a benchmark's printed output."""
+    env = environment()
+    return (
+        f"device={env['gpu']} torch={env['torch']} triton={env['triton'] or '-'} "
+        f"threads={torch.get_num_threads()} commit={env['commit']} date={env['date']}"
+    )
+
+
+# ---- results CSV --------------------------------------------------------------------------------
+def results_path(csv_path: str | Path) -> Path:
+    """A bare or relative name lands under ``benchmarks/results/``; absolute paths are kept."""
+    p = Path(csv_path)
+    return p if p.is_absolute() else RESULTS_DIR / p
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def append_rows(csv_path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Append ``rows`` (dicts keyed by :data:`COLUMNS`) to a CSV under ``benchmarks/results/``.
+
+    Missing environment columns are filled in (:func:`environment`); other missing columns are
+    written as empty strings; unknown keys raise ``ValueError``. The header is written when the file
+    is new; an existing file whose header differs from :data:`COLUMNS` raises ``ValueError``.
+    Returns the path written.
+    """
+    path = results_path(csv_path)
+    rows = list(rows)
+    env = environment()
+    out_rows = []
+    for row in rows:
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown result columns {sorted(unknown)}; allowed: {COLUMNS}")
+        full = {c: _cell(row.get(c)) for c in COLUMNS}
+        for c in ENV_COLUMNS:
+            if c not in row:
+                full[c] = env[c]
+        out_rows.append(full)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is None or tuple(header) != COLUMNS:
+            raise ValueError(f"{path} has header {header}, expected {list(COLUMNS)}")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(out_rows)
+    return path
+
+
+# ---- timers -------------------------------------------------------------------------------------
+def time_cpu(fn: Callable[[], Any], warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time of ``fn()`` in milliseconds (``time.perf_counter``, one call per sample).
+
+    CUDA work is synchronised around each call when CUDA is available, so it is usable as a rough
+    timer there too; prefer :func:`gpu_median_ms` for GPU numbers.
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    gc.collect()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def time_cpu_interleaved(
+    fns: Mapping[str, Callable[[], Any]], warmup: int = 3, iters: int = 20
+) -> dict[str, list[float]]:
+    """Wall times in milliseconds of several callables, measured round-robin.
+
+    Each round calls every function once (the order rotates from round to round), so that load from
+    other processes on a shared machine hits all of them alike. Returns ``{name: [ms per call]}``;
+    take :func:`statistics.median` of each list for the reported number.
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync()
+    gc.collect()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(iters):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def gpu_median_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100, **kwargs: Any) -> float:
+    """Median time of ``fn()`` on the GPU in milliseconds via ``triton.testing.do_bench``.
+
+    ``warmup`` and ``rep`` are in milliseconds (do_bench's meaning); extra keyword arguments (e.g.
+    ``grad_to_none``) go to do_bench. Raises ``RuntimeError`` without CUDA.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("gpu_median_ms needs a CUDA device; use time_cpu on the CPU")
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median", **kwargs))
