@@ -14,9 +14,10 @@ import adalora_fast as af
 from adalora_fast.allocator import FlatScorer, RankAllocator, ReferenceScorer
 
 
-def _model(num_layers=2, seed=0, **cfg):
+def _model(num_layers=2, seed=0, hidden=32, intermediate=48, **cfg):
     cfg = {"init_r": 5, "target_r": 2, "total_step": 50, "target_modules": LLAMA_PROJ, **cfg}
-    m = af.get_adalora_model(tiny_llama(num_layers, seed=seed), af.AdaLoraConfig(**cfg))
+    base = tiny_llama(num_layers, hidden=hidden, intermediate=intermediate, seed=seed)
+    m = af.get_adalora_model(base, af.AdaLoraConfig(**cfg))
     with torch.no_grad():
         for _, layer in m.adapted_layers:
             layer.lora_E.normal_()
@@ -152,8 +153,10 @@ def test_rebinds_after_dtype_change():
 
 # ---- op counts ------------------------------------------------------------------------------------
 HOST_SYNC_OPS = {"aten::item", "aten::_local_scalar_dense"}
-# Zero-copy view ops: they launch no kernel. The regulariser's backward must hand each parameter its
-# own gradient tensor, which costs one view per parameter (and autograd accumulates each .grad).
+# Zero-copy view ops: they launch no kernel. The CPU implementation of a large torch.cat makes one
+# internal view per input (on CUDA it is one kernel), and the regulariser's backward must hand each
+# parameter its own gradient tensor, which costs one view per parameter (autograd then accumulates
+# each .grad itself). Everything else -- every op that computes or copies -- must not grow with depth.
 VIEW_OPS = {
     "aten::as_strided", "aten::narrow", "aten::slice", "aten::view", "aten::transpose", "aten::unsqueeze",
     "aten::t", "aten::alias", "aten::expand", "aten::select", "aten::reshape", "aten::_reshape_alias",
@@ -179,21 +182,22 @@ def _aten_ops(fn) -> Counter:
     )
 
 
-@pytest.mark.parametrize("step", [0, 10, 30, 40, 45], ids=["warmup", "mask", "budget", "final", "after"])
+@pytest.mark.parametrize("step", [1, 10, 31, 40, 45], ids=["warmup", "mask", "no-mask", "final", "after"])
 def test_update_and_allocate_op_count_independent_of_depth(step):
     cfg = {"tinit": 5, "tfinal": 10, "total_step": 50, "deltaT": 2}
     counts = []
     for layers in (2, 8):
-        model = _model(layers, **cfg)
+        # Large enough that CPU torch.cat takes its parallel (per-input view) path at 8 layers.
+        model = _model(layers, hidden=128, intermediate=256, init_r=12, target_r=4, **cfg)
         gen = torch.Generator().manual_seed(0)
-        for s in sorted({0, 6, step - 1} - {step}):
-            if s < step and s >= 0:
-                _random_grads(model, gen)
-                model.update_and_allocate(s)
+        # Earlier steps: scores exist (their one-time allocation is not part of a steady-state step).
+        for s in sorted(x for x in {0, 6, step - 1} if x < step):
+            _random_grads(model, gen)
+            model.update_and_allocate(s)
         _random_grads(model, gen)
         ops = _aten_ops(lambda m=model: m.update_and_allocate(step))
         assert not HOST_SYNC_OPS & set(ops), ops
-        counts.append(sum(ops.values()))
+        counts.append(sum(v for k, v in ops.items() if k not in VIEW_OPS))
     assert counts[0] == counts[1], counts
 
 
