@@ -16,6 +16,7 @@ Both keep their state in the same per-layer format for checkpoints, so either ca
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,8 @@ class FlatScorer:
         self._b_inv: torch.Tensor | None = None
         self.flat_E: torch.Tensor | None = None
         self._E_ptrs: list[int] = []
+        self._rebinds = -1  # the first bind is not a re-bind
+        self._warned_rebinds = False
         self.ema_ipt: dict[str, torch.Tensor] | None = None
         self.ema_unc: dict[str, torch.Tensor] | None = None
         self.bind()
@@ -95,6 +98,15 @@ class FlatScorer:
             for p, ptr in zip(params, self._E_ptrs, strict=True)
         ):
             return
+        self._rebinds += 1
+        if self._rebinds > 3 and not self._warned_rebinds:
+            self._warned_rebinds = True
+            warnings.warn(
+                "lora_E storage keeps being replaced between allocator calls (FSDP or DeepSpeed owning "
+                "parameter storage?): adalora_fast's vectorised allocator re-binds it on every call; "
+                "sharded-parameter frameworks are not supported yet",
+                stacklevel=3,
+            )
         with torch.no_grad():
             flat = torch.stack([p.detach().reshape(-1) for p in params])
             for i, p in enumerate(params):
@@ -187,7 +199,8 @@ class FlatScorer:
         with torch.no_grad():
             scores = self.scores()
             threshold = kth_smallest(scores.reshape(-1), self.init_bgt - budget)
-            torch.gt(scores, threshold, out=self.keep)
+            # PEFT masks `score <= threshold` and keeps the rest (NaN scores are kept, as in PEFT).
+            torch.logical_not(torch.le(scores, threshold), out=self.keep)
             self.apply_keep()
 
     def apply_keep(self) -> None:
@@ -267,7 +280,10 @@ class ReferenceScorer(ReferenceRankAllocator):
         return dict(self.keep)
 
     def set_keep(self, keep: dict[str, torch.Tensor]) -> None:
-        self.keep = {n: keep[n].to(torch.bool).reshape(-1).clone() for n in self.names}
+        self.keep = {
+            n: keep[n].to(device=m.lora_E.device, dtype=torch.bool).reshape(-1).clone()
+            for n, m in zip(self.names, self.layers, strict=True)
+        }
 
 
 def make_scorer(

@@ -14,9 +14,11 @@ Every file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,15 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file: ties the training state to the adapter weights it was saved with."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
@@ -78,6 +89,12 @@ def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
         for k, t in tensors.items():
             weights[f"{PREFIX}{name}.{k}"] = t.contiguous()
 
+    if model.adalora_config.total_step is None:
+        warnings.warn(
+            "saving with total_step=None: PEFT refuses to load such a checkpoint; set total_step first "
+            "(model.set_total_step(n)) if PEFT must read it",
+            stacklevel=3,
+        )
     cfg = model.adalora_config.to_peft_dict()
     cfg["rank_pattern"] = (
         None if rank_pattern is None else {f"{n}.lora_E": p for n, p in rank_pattern.items()}
@@ -91,6 +108,8 @@ def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
     )
 
     if alloc is None:
+        # An inference model has no training state; never leave an older one next to new weights.
+        (out / STATE_NAME).unlink(missing_ok=True)
         return
     state = dict(full)
     for key, t in alloc.scorer.layer_state().items():
@@ -105,6 +124,7 @@ def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
         "masked": alloc.masked,
         "finalized": alloc.finalized,
         "loaded_patterns": {n: getattr(layer, "loaded_pattern", None) for n, layer in layers},
+        "weights_sha256": _file_digest(out / WEIGHTS_NAME),
     }
     _atomic_write(out / STATE_NAME, lambda tmp: save_file(state, tmp, metadata={"json": json.dumps(meta)}))
 
@@ -146,6 +166,28 @@ def _check_layer(name: str, base: nn.Module, tensors: dict[str, torch.Tensor], s
     return r
 
 
+def _check_state(
+    name: str, tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path
+) -> None:
+    """The keep mask and score EMAs of one module match its weights (before anything is loaded)."""
+    r = tensors["lora_A"].shape[0]
+    keep = state.get(f"keep.{name}")
+    if keep is None or tuple(keep.shape) != (r,):
+        got = None if keep is None else tuple(keep.shape)
+        raise ValueError(f"{path}: keep mask of module {name!r} has shape {got}, expected ({r},)")
+    has_scores = any(k.startswith("scores.") for k in state)
+    if not has_scores:
+        return
+    for kind, t in tensors.items():
+        for tag in ("ema_ipt", "ema_unc"):
+            ema = state.get(f"scores.{name}.{kind}.{tag}")
+            if ema is None or ema.shape != t.shape:
+                got = None if ema is None else tuple(ema.shape)
+                raise ValueError(
+                    f"{path}: score EMA {tag} of {name}.{kind} has shape {got}, expected {tuple(t.shape)}"
+                )
+
+
 def load_pretrained(
     cls: type[AdaLoraModel],
     model: nn.Module,
@@ -173,9 +215,18 @@ def load_pretrained(
 
         with safe_open(str(state_path), framework="pt") as f:
             meta = json.loads(f.metadata()["json"])
-        state = load_file(str(state_path))
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"{state_path}: unknown training-state format {meta.get('format')!r}")
+        if meta.get("weights_sha256") != _file_digest(weights_path):
+            warnings.warn(
+                f"{state_path.name} was saved with other adapter weights than {weights_path.name} "
+                "(the directory was written again by another tool, or a save was interrupted): "
+                "ignoring the training state and loading the PEFT-format weights",
+                stacklevel=3,
+            )
+            use_state = False
+        else:
+            state = load_file(str(state_path))
 
     targets = find_target_modules(model, config.target_modules, config.exclude_modules)
     in_ckpt = _module_names_in(weights, root)
@@ -186,14 +237,21 @@ def load_pretrained(
     if missing:
         raise ValueError(f"{weights_path}: no weights for module {missing[0]!r} of this model")
 
-    pattern_cfg = config.rank_pattern or {}
+    # PEFT may keep the adapter name in the keys ("<module>.lora_E.default").
+    pattern_cfg = {
+        (k.rsplit(".", 1)[0] if not k.endswith(".lora_E") and ".lora_E." in k else k): v
+        for k, v in (config.rank_pattern or {}).items()
+    }
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
     patterns: dict[str, list[bool] | None] = {}
     for name in targets:
         base = model.get_submodule(name)
         if use_state:
-            tensors = {k: state[f"{name}.{k}"] for k in ("lora_A", "lora_E", "lora_B")}
+            tensors = {k: state.get(f"{name}.{k}") for k in ("lora_A", "lora_E", "lora_B")}
+            if any(t is None for t in tensors.values()):
+                raise ValueError(f"{state_path}: no full weights for module {name!r}")
             r = _check_layer(name, base, tensors, str(state_path))
+            _check_state(name, tensors, state, state_path)
             patterns[name] = (meta.get("loaded_patterns") or {}).get(name)
         else:
             tensors = {k: weights[f"{PREFIX}{name}.{k}"] for k in ("lora_A", "lora_E", "lora_B")}

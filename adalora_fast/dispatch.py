@@ -60,8 +60,7 @@ def implementation(op: str, requested: str, device: torch.device) -> Callable[..
 def svd_linear_torch(layer: SVDLinear, x: torch.Tensor) -> torch.Tensor:
     """Base forward plus the adapter branch, PEFT's op order (the adapter runs in the adapter dtype)."""
     result = layer.base_layer(x)
-    if layer.r == 0:
-        return result
+    # Rank-0 layers still run (and draw the dropout mask), as PEFT does, to keep RNG streams aligned.
     xa = layer.lora_dropout(x.to(layer.lora_A.dtype))
     result += svd_adapter(xa, layer.lora_A, layer.lora_E, layer.lora_B, layer.scaling, layer.ranknum)
     return result

@@ -58,7 +58,9 @@ class SVDLinear(nn.Module):
             nn.init.zeros_(E)
             nn.init.normal_(A, mean=0.0, std=0.02)
             nn.init.normal_(B, mean=0.0, std=0.02)
-        dtype = adapter_dtype if adapter_dtype is not None else torch.float32
+        # fp32 adapters by default (also on half-precision bases); a float64 base gets float64 (as PEFT).
+        default_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dtype = adapter_dtype if adapter_dtype is not None else default_dtype
         if weight.dtype in (torch.float16, torch.bfloat16):
             # PEFT casts adapters to the base dtype, then back up: initial values are base-dtype-rounded.
             A, B = A.to(weight.dtype), B.to(weight.dtype)

@@ -219,3 +219,27 @@ def test_reference_backend_can_be_forced():
     model = _model()
     alloc = RankAllocator(model.adapted_layers, model.adalora_config, backend="reference")
     assert isinstance(alloc.scorer, ReferenceScorer)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_scores_mask_like_peft(bad):
+    """A non-finite gradient makes NaN scores; PEFT masks `score <= threshold`, so NaN ranks survive."""
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    cfg = m1.adalora_config
+    flat = FlatScorer(m1.adapted_layers, cfg.beta1, cfg.beta2, cfg.target_r)
+    ref = ReferenceScorer(m2.adapted_layers, cfg.beta1, cfg.beta2, cfg.target_r)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(2):
+        _random_grads(m1, gen)
+        if step == 1:
+            m1.adapted_layers[0][1].lora_A.grad[1, 2] = bad
+            m1.adapted_layers[2][1].lora_E.grad[0, 0] = bad
+        _copy_grads(m1, m2)
+        flat.update_scores()
+        ref.update_scores()
+        flat.mask_to_budget(flat.init_bgt - 6)
+        ref.mask_to_budget(ref.init_bgt - 6)
+        for name, keep in flat.keep_by_layer().items():
+            assert torch.equal(keep, ref.keep[name]), name
+    assert flat.keep.sum() > 0

@@ -230,3 +230,58 @@ def test_merge_and_unload_matches_adapter_path():
     assert not any(isinstance(m, SVDLinear) for m in merged.modules())
     assert isinstance(merged.get_submodule("model.layers.0.self_attn.q_proj"), nn.Linear)
     torch.testing.assert_close(merged(input_ids=x).logits.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stale_training_state_is_never_used(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama(seed=0)
+    model = _new_model(copy.deepcopy(base))
+    model.save_pretrained(tmp_path)
+    # Another tool rewrites the adapter weights: the old training state no longer belongs to them.
+    weights = load_file(str(tmp_path / WEIGHTS_NAME))
+    weights = {k: (torch.full_like(v, 0.5) if k.endswith("lora_E") else v) for k, v in weights.items()}
+    save_file(weights, str(tmp_path / WEIGHTS_NAME))
+    with pytest.warns(UserWarning, match="ignoring the training state"):
+        loaded = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    for _, layer in loaded.adapted_layers:
+        assert torch.all(layer.lora_E == 0.5)
+    # Saving an inference model into the directory removes the training state it cannot vouch for.
+    af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path).save_pretrained(tmp_path)
+    assert not (tmp_path / STATE_NAME).exists()
+
+
+def test_corrupt_training_state_names_module_and_touches_nothing(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = _new_model(tiny_llama())
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / STATE_NAME), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(tmp_path / STATE_NAME))
+    name = model.adapted_names[3]
+    state[f"keep.{name}"] = torch.ones(SCHEDULE["init_r"] + 2, dtype=torch.uint8)
+    save_file(state, str(tmp_path / STATE_NAME), metadata=metadata)
+    base = tiny_llama()
+    with pytest.raises(ValueError, match=f"keep mask of module '{name}'"):
+        af.AdaLoraModel.from_pretrained(base, tmp_path, is_trainable=True)
+    assert _is_untouched(base)
+
+
+def test_rank_pattern_keys_with_adapter_name_are_accepted(tmp_path):
+    base = tiny_llama(seed=0)
+    model = _trained_with_a_rank0_layer(copy.deepcopy(base))
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg["rank_pattern"] = {f"{k}.default": v for k, v in cfg["rank_pattern"].items()}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    os.unlink(tmp_path / STATE_NAME)
+    loaded = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert loaded.rank_pattern == model.rank_pattern
+
+
+def test_saving_without_total_step_warns(tmp_path):
+    model = _new_model(tiny_llama(), total_step=None)
+    with pytest.warns(UserWarning, match="total_step=None"):
+        model.save_pretrained(tmp_path)

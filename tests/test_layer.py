@@ -343,3 +343,12 @@ def test_dense_formula_property(rows, d_in, d_out, r, bias, conv1d, seed):
         scale = scale + layer.base_layer.bias.detach().to(d).abs()
     err = (y.to(d) - expected).abs().max()
     assert err <= 1e-5 * scale.max()
+
+
+def test_float64_base_gets_float64_adapters():
+    import adalora_fast as af
+    from adalora_fast.layer import SVDLinear
+
+    layer = SVDLinear(torch.nn.Linear(5, 3).double(), r=2, lora_alpha=8)
+    assert layer.lora_A.dtype == layer.lora_E.dtype == layer.lora_B.dtype == torch.float64
+    assert af.SVDLinear is SVDLinear
