@@ -56,10 +56,14 @@ class AdaLoraConfig:
             raise ValueError(f"target_r must be an integer >= 0, got {self.target_r!r}")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
-        if self.tinit < 0:
-            raise ValueError(f"tinit must be >= 0, got {self.tinit}")
-        if self.tfinal < 0:
-            raise ValueError(f"tfinal must be >= 0, got {self.tfinal}")
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("beta1", "beta2", "orth_reg_weight", "lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not isinstance(self.deltaT, int) or self.deltaT < 1:
             raise ValueError(f"deltaT must be an integer >= 1, got {self.deltaT!r}")
         for name in ("beta1", "beta2"):

@@ -183,3 +183,12 @@ def test_set_and_tuple_targets_normalised():
 def test_get_adalora_model_no_match_raises(targets):
     with pytest.raises(ValueError, match="target_modules"):
         af.get_adalora_model(tiny_llama(), af.AdaLoraConfig(target_modules=targets))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("tinit", "3"), ("tfinal", 1.5), ("beta1", "x"), ("lora_alpha", None), ("orth_reg_weight", "1")],
+)
+def test_wrong_types_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        af.AdaLoraConfig(**{field: value})
