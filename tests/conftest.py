@@ -33,7 +33,9 @@ def tiny_gpt2(num_layers: int = 2, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=num_layers, n_head=4, vocab_size=64, n_positions=32)
+    cfg = GPT2Config(
+        n_embd=32, n_layer=num_layers, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
