@@ -37,12 +37,18 @@ def _copy_grads(src, dst):
             getattr(b, k).grad = getattr(a, k).grad.clone()
 
 
-def test_flat_scorer_matches_reference_exactly():
+def _twin_scorers():
+    """Two identical models, one scored by the flat scorer, the other by the reference."""
     m1 = _model()
     m2 = copy.deepcopy(m1)
     cfg = m1.adalora_config
     flat = FlatScorer(m1.adapted_layers, cfg.beta1, cfg.beta2, cfg.target_r)
     ref = ReferenceScorer(m2.adapted_layers, cfg.beta1, cfg.beta2, cfg.target_r)
+    return m1, m2, flat, ref
+
+
+def test_flat_scorer_matches_reference_exactly():
+    m1, m2, flat, ref = _twin_scorers()
     gen = torch.Generator().manual_seed(7)
     for step in range(4):
         _random_grads(m1, gen)
@@ -224,11 +230,7 @@ def test_reference_backend_can_be_forced():
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_scores_mask_like_peft(bad):
     """A non-finite gradient makes NaN scores; PEFT masks `score <= threshold`, so NaN ranks survive."""
-    m1 = _model()
-    m2 = copy.deepcopy(m1)
-    cfg = m1.adalora_config
-    flat = FlatScorer(m1.adapted_layers, cfg.beta1, cfg.beta2, cfg.target_r)
-    ref = ReferenceScorer(m2.adapted_layers, cfg.beta1, cfg.beta2, cfg.target_r)
+    m1, m2, flat, ref = _twin_scorers()
     gen = torch.Generator().manual_seed(11)
     for step in range(2):
         _random_grads(m1, gen)
