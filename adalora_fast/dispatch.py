@@ -1,10 +1,12 @@
 """One dispatch point per adapter operation.
 
-Each operation has a "torch" implementation here (vectorised PyTorch, runs everywhere) and may have
-a "triton" one registered by :mod:`adalora_fast.kernels`. Backend "auto" picks triton for CUDA
-tensors when a kernel is registered, torch otherwise; "triton" asks for the kernel explicitly (on the
-CPU it runs in Triton's interpreter) and falls back to torch with a one-time warning while the kernel
-for that operation has not landed.
+Each operation has a "torch" implementation (vectorised PyTorch, runs everywhere) and may have a
+"triton" one backed by :mod:`adalora_fast.kernels`. Kernel modules are imported lazily, the first
+time a Triton backend is asked for, so CPU users never import Triton and ``TRITON_INTERPRET`` may be
+set any time before that. Backend "auto" picks triton for CUDA tensors when the kernel exists,
+torch otherwise; "triton" asks for the kernel explicitly (on the CPU it runs in Triton's interpreter
+when ``TRITON_INTERPRET=1``) and falls back to torch with a one-time warning saying why when it
+cannot run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .reference import svd_adapter
 
@@ -22,7 +25,14 @@ if TYPE_CHECKING:
 
 OPS = ("svd_linear", "orth_reg", "allocator")
 _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {op: {} for op in OPS}
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[str] = set()
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def warn_once(message: str, stacklevel: int = 3) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=stacklevel)
 
 
 def register(op: str, backend: str, fn: Callable[..., Any]) -> None:
@@ -32,24 +42,46 @@ def register(op: str, backend: str, fn: Callable[..., Any]) -> None:
     _IMPLS[op][backend] = fn
 
 
+def _has_triton(op: str) -> bool:
+    """Whether ``op`` has a Triton implementation, importing its kernels on first use."""
+    if "triton" in _IMPLS[op]:
+        return True
+    loader = _LOADERS.get(op)
+    if loader is None or op in _LOAD_ERRORS:
+        return False
+    try:
+        loader()
+    except ImportError as err:  # no triton on this platform
+        _LOAD_ERRORS[op] = f"{type(err).__name__}: {err}"
+        return False
+    return "triton" in _IMPLS[op]
+
+
+def _interpreting() -> bool:
+    from .kernels._common import INTERPRET
+
+    return INTERPRET
+
+
 def resolve(op: str, requested: str, device: torch.device) -> str:
     """The backend that runs ``op`` for tensors on ``device`` under the requested backend."""
     if requested == "torch":
         return "torch"
-    has_triton = "triton" in _IMPLS[op]
     if requested == "auto":
-        return "triton" if has_triton and device.type == "cuda" else "torch"
-    if requested == "triton":
-        if has_triton:
-            return "triton"
-        if (op, requested) not in _WARNED:
-            _WARNED.add((op, requested))
-            warnings.warn(
-                f"backend='triton': no Triton kernel for {op!r} yet; using the torch implementation",
-                stacklevel=3,
-            )
+        return "triton" if device.type == "cuda" and _has_triton(op) else "torch"
+    if requested != "triton":
+        raise ValueError(f"unknown backend {requested!r}")
+    if not _has_triton(op):
+        why = _LOAD_ERRORS.get(op, "no Triton kernel for it yet")
+        warn_once(f"backend='triton' for {op!r}: {why}; using the torch implementation")
         return "torch"
-    raise ValueError(f"unknown backend {requested!r}")
+    if device.type != "cuda" and not _interpreting():
+        warn_once(
+            f"backend='triton' for {op!r} on {device.type}: Triton kernels need a CUDA device, or "
+            "TRITON_INTERPRET=1 set before the kernels are imported; using the torch implementation"
+        )
+        return "torch"
+    return "triton"
 
 
 def implementation(op: str, requested: str, device: torch.device) -> Callable[..., Any]:
@@ -66,9 +98,53 @@ def svd_linear_torch(layer: SVDLinear, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def _fused_unsupported(layer: SVDLinear, x: torch.Tensor) -> str | None:
+    """Why the fused kernels cannot run this call (the torch path runs instead), or None."""
+    from .kernels.svd_linear import MAX_RANK, SUPPORTED_DTYPES
+
+    weight = layer.base_layer.weight
+    if weight.requires_grad:
+        return "the base weight requires grad (the fused op computes no weight gradient)"
+    if x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} (e.g. under autocast)"
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return f"base dtype {weight.dtype} (supported: fp32, fp16, bf16)"
+    if layer.lora_A.dtype not in SUPPORTED_DTYPES:
+        return f"adapter dtype {layer.lora_A.dtype} (supported: fp32, fp16, bf16)"
+    if layer.r > MAX_RANK:
+        return f"rank {layer.r} > {MAX_RANK}"
+    if layer.lora_A.device != weight.device:
+        return f"adapter on {layer.lora_A.device} but base weight on {weight.device}"
+    return None
+
+
+def svd_linear_triton(layer: SVDLinear, x: torch.Tensor) -> torch.Tensor:
+    """The fused kernels (:mod:`adalora_fast.kernels.svd_linear`); dropout only in training mode."""
+    from .kernels.svd_linear import svd_linear as fused
+
+    reason = _fused_unsupported(layer, x)
+    if reason is not None:
+        warn_once(f"fused svd_linear cannot run: {reason}; using the torch path for such calls")
+        return svd_linear_torch(layer, x)
+    drop = layer.lora_dropout
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    base = layer.base_layer
+    return fused(
+        x, base.weight, base.bias, layer.lora_A, layer.lora_E, layer.lora_B, layer.ranknum, layer.scaling,
+        dropout_p=p, fan_in_fan_out=layer.fan_in_fan_out,
+    )  # fmt: skip
+
+
 def svd_linear(layer: SVDLinear, x: torch.Tensor) -> torch.Tensor:
     """Dispatch point of the adapted linear layer's forward."""
     return implementation("svd_linear", layer.backend, x.device)(layer, x)
 
 
+def _load_svd_linear() -> None:
+    import adalora_fast.kernels.svd_linear  # noqa: F401  (registers the custom ops)
+
+    register("svd_linear", "triton", svd_linear_triton)
+
+
 register("svd_linear", "torch", svd_linear_torch)
+_LOADERS: dict[str, Callable[[], None]] = {"svd_linear": _load_svd_linear}

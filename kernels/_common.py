@@ -1,0 +1,71 @@
+"""Small pieces shared by the SVD-linear kernels: jit helpers and host-side launch metadata.
+
+Jit helpers (inlined into the kernels that call them):
+- :func:`dropout_keep`: the keep mask of element (row, col) of a dropout, from Philox with two
+  32-bit counters (col, row), so it is the same in every kernel that touches that element and needs
+  no offsets that could overflow int32 on large activations.
+- :func:`adapter_lambda`: ``E * scaling / (ranknum + 1e-5)`` for a block of ranks, read on the device
+  (no host sync on ``ranknum``).
+
+Host helpers: whether Triton runs in its interpreter, rank padding for ``tl.dot`` and the dot input
+precision that matches PyTorch's numerics for each dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at decoration time whether kernels are interpreted: read the flag the same way.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+MAX_RANK = 128
+MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, p):
+    """Keep mask (True = kept) of the dropout elements at ``rows`` x ``cols`` (broadcast 2-D blocks)."""
+    c0 = (cols + rows * 0).to(tl.uint32, bitcast=True)
+    c1 = (rows + cols * 0).to(tl.uint32, bitcast=True)
+    zero = c0 * 0
+    r0, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(r0) >= p
+
+
+@triton.jit
+def adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling):
+    """``lambda_j * scaling / (ranknum + 1e-5)`` for ranks ``offs_r`` (0 beyond ``R``), in fp32."""
+    lam = tl.load(e_ptr + offs_r * stride_e, mask=offs_r < R, other=0.0).to(tl.float32)
+    ranknum = tl.load(ranknum_ptr).to(tl.float32)
+    return lam * (scaling / (ranknum + 1e-5))
+
+
+def rank_pad(r: int) -> int:
+    """The rank block ``tl.dot`` works on: a power of two >= 16 (r is padded with zeros)."""
+    return max(MIN_DOT, triton.next_power_of_2(max(r, 1)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Input precision of fp32 dots: IEEE for fp32 models (as PyTorch without TF32), TF32 otherwise.
+
+    On half-precision bases the activations are exact in TF32 (fewer mantissa bits), so TF32 only
+    rounds the fp32 adapter weights (2^-11 relative); for fp16/bf16 operands the setting is unused.
+    """
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+@cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """About two waves of programs on a GPU; a few on the interpreter (it runs them one by one)."""
+    if device.type == "cuda":
+        return 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4

@@ -1,0 +1,245 @@
+"""The fused SVD linear layer as PyTorch custom ops: forward, backward and inference.
+
+``y = x W^T + b + s * ((drop(x) Q^T) * lambda^T) P^T`` with ``s = lora_alpha / (ranknum + 1e-5)``
+(PEFT: Q = lora_A, lambda = lora_E, P = lora_B). Kernels, per call:
+
+- training forward: ``x_at`` (S = drop(x) Q^T, kept for the backward: M x r fp32) then
+  ``xw_plus_sb`` (base GEMM with the low-rank term in its accumulator);
+- backward: ``x_at`` (G = dy P), ``xw_plus_sb`` (dx = dy W + drop(G diag(s lambda) Q)), ``xt_s``
+  twice (dQ from x, dP from dy) and one small reduction for d(lambda). W is frozen (no dW);
+- inference (no autograd graph needed, no dropout): ``xw_plus_sb`` alone, S computed in the GEMM.
+
+Dropout is Philox in the kernels, seeded from a device tensor drawn from PyTorch's generator (so
+``torch.manual_seed`` reproduces it), regenerated in the backward; nothing of x's size is stored.
+The ops are registered with ``torch.library`` (custom op + fake + autograd), so ``torch.compile``
+sees them without graph breaks and CUDA graphs can capture them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import MAX_RANK
+from .x_at import x_at
+from .xt_s import xt_s
+from .xw_plus_sb import xw_plus_sb
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SEED_HIGH = 2**62
+
+
+def _w_kn(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The frozen weight as a (d_in, d_out) view: nn.Linear stores (d_out, d_in), Conv1D (d_in, d_out)."""
+    return weight if fan_in_fan_out else weight.t()
+
+
+def _d_out(weight: torch.Tensor, fan_in_fan_out: bool) -> int:
+    return weight.shape[1] if fan_in_fan_out else weight.shape[0]
+
+
+# ---- forward ------------------------------------------------------------------------------------
+@torch.library.custom_op("adalora_fast::svd_linear_fwd", mutates_args=())
+def svd_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranknum: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+    scaling: float,
+    fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, S): the layer output for 2-D x and the saved shrink ``S = drop(x) Q^T`` (fp32)."""
+    s = x_at(x, lora_A, seed=seed, dropout_p=dropout_p)
+    y = xw_plus_sb(x, _w_kn(weight, fan_in_fan_out), bias, s, lora_B.t(), lora_E, ranknum, scaling)
+    return y, s
+
+
+@svd_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out):
+    M = x.shape[0]
+    y = x.new_empty(M, _d_out(weight, fan_in_fan_out))
+    return y, x.new_empty(M, lora_A.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("adalora_fast::svd_linear_infer", mutates_args=())
+def svd_linear_infer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranknum: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """Forward only, one kernel, nothing saved (no dropout: inference)."""
+    w_kn = _w_kn(weight, fan_in_fan_out)
+    return xw_plus_sb(x, w_kn, bias, None, lora_B.t(), lora_E, ranknum, scaling, a_rk=lora_A)
+
+
+@svd_linear_infer.register_fake
+def _(x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, fan_in_fan_out):
+    return x.new_empty(x.shape[0], _d_out(weight, fan_in_fan_out))
+
+
+# ---- backward -----------------------------------------------------------------------------------
+@torch.library.custom_op("adalora_fast::svd_linear_bwd", mutates_args=())
+def svd_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranknum: torch.Tensor,
+    s: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+    scaling: float,
+    fan_in_fan_out: bool,
+    need_x: bool,
+    need_A: bool,
+    need_E: bool,
+    need_B: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dE, dB); gradients that are not needed come back as empty tensors."""
+    dy = dy.to(weight.dtype)
+    empty = x.new_empty(0)
+    g = x_at(dy, lora_B.t()) if (need_x or need_A or need_E) else None  # G = dy P, (M, r) fp32
+    dx = empty
+    if need_x:
+        w_nk = _w_kn(weight, fan_in_fan_out).t()
+        dx = xw_plus_sb(dy, w_nk, None, g, lora_A, lora_E, ranknum, scaling, seed=seed, dropout_p=dropout_p)
+    dA = empty
+    if need_A:
+        dA = xt_s(x, g, lora_E, ranknum, scaling, seed=seed, dropout_p=dropout_p).to(lora_A.dtype)
+    dB = empty
+    if need_B:
+        dB = xt_s(dy, s, lora_E, ranknum, scaling).t().contiguous().to(lora_B.dtype)
+    dE = empty
+    if need_E:
+        scale = scaling / (ranknum.float() + 1e-5)
+        dE = ((g * s).sum(0) * scale).unsqueeze(1).to(lora_E.dtype)
+    return dx, dA, dE, dB
+
+
+@svd_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out, *needs):
+    need_x, need_A, need_E, need_B = needs
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_x else empty,
+        torch.empty_like(lora_A) if need_A else empty,
+        torch.empty_like(lora_E) if need_E else empty,
+        torch.empty_like(lora_B) if need_B else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_E, lora_B, ranknum, output[1], seed)
+    ctx.dropout_p, ctx.scaling, ctx.fan_in_fan_out = dropout_p, scaling, fan_in_fan_out
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy: torch.Tensor, _ds: torch.Tensor | None):
+    x, weight, lora_A, lora_E, lora_B, ranknum, s, seed = ctx.saved_tensors
+    need_x, _, need_bias, need_A, need_E, need_B = ctx.needs_input_grad[:6]
+    dx, dA, dE, dB = svd_linear_bwd(
+        dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed,
+        ctx.dropout_p, ctx.scaling, ctx.fan_in_fan_out, need_x, need_A, need_E, need_B,
+    )  # fmt: skip
+    dbias = dy.sum(0) if (ctx.has_bias and need_bias) else None
+    return (
+        dx if need_x else None,
+        None,
+        dbias,
+        dA if need_A else None,
+        dE if need_E else None,
+        dB if need_B else None,
+        None, None, None, None, None,
+    )  # fmt: skip
+
+
+svd_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry point -------------------------------------------------------------------------
+def check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    fan_in_fan_out: bool,
+) -> None:
+    """Host-side checks with errors that name the offending tensor."""
+    d_in = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    d_out = _d_out(weight, fan_in_fan_out)
+    r = lora_A.shape[0]
+    if weight.dim() != 2:
+        raise ValueError(f"svd_linear: weight must be 2-D, got {tuple(weight.shape)}")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"svd_linear: x has {x.shape[-1]} features, the layer expects {d_in}")
+    if x.dtype != weight.dtype or x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"svd_linear: x is {x.dtype}, weight is {weight.dtype}; need one of {SUPPORTED_DTYPES}"
+        )
+    if lora_A.shape != (r, d_in) or lora_E.shape != (r, 1) or lora_B.shape != (d_out, r):
+        raise ValueError(
+            f"svd_linear: lora_A {tuple(lora_A.shape)}, lora_E {tuple(lora_E.shape)}, lora_B "
+            f"{tuple(lora_B.shape)} do not fit a {d_in}->{d_out} layer"
+        )
+    if r > MAX_RANK:
+        raise ValueError(f"svd_linear: rank {r} > {MAX_RANK} is not supported by the fused kernels")
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"svd_linear: bias has shape {tuple(bias.shape)}, expected ({d_out},)")
+    if weight.requires_grad:
+        raise ValueError("svd_linear: the fused op has no weight gradient; freeze the base weight")
+    devices = {t.device for t in (x, weight, lora_A, lora_E, lora_B)}
+    if len(devices) != 1:
+        raise ValueError(f"svd_linear: tensors on several devices {sorted(map(str, devices))}")
+
+
+def svd_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranknum: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused adapted linear for x of any leading shape. ``seed`` defaults to a fresh draw."""
+    check_inputs(x, weight, bias, lora_A, lora_E, lora_B, fan_in_fan_out)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"svd_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    params = (x, lora_A, lora_E, lora_B) + ((bias,) if bias is not None else ())
+    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    if not needs_graph and dropout_p == 0.0:
+        y = svd_linear_infer(x2, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, fan_in_fan_out)
+    else:
+        if seed is None:
+            # Without dropout the seed is never read: an uninitialised placeholder, no launch.
+            seed = (
+                torch.randint(0, SEED_HIGH, (1,), device=x.device)
+                if dropout_p > 0.0
+                else torch.empty(1, dtype=torch.int64, device=x.device)
+            )
+        y, _ = svd_linear_fwd(
+            x2, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out
+        )
+    return y.reshape(*lead, y.shape[-1])

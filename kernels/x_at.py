@@ -1,0 +1,102 @@
+"""``S = drop(X) @ A^T``: the low-rank "shrink" of an (M x K) activation through an (R x K) factor.
+
+The forward uses it for ``S = drop(x) Q^T`` (kept, unscaled, for the backward) and the backward for
+``G = dy P`` (A given as ``P^T`` through strides). It is memory bound: one pass over X, S is M x R
+in fp32. Dropout is regenerated from the seed (Philox on (col, row)), never stored. X is cast to A's
+dtype before the product, as PEFT casts the input to the adapter dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, MAX_RANK, dot_precision, dropout_keep, rank_pad
+
+
+@triton.jit
+def _x_at_kernel(
+    x_ptr, a_ptr, seed_ptr, out_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    p_drop,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask = offs_m < M
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        a_t = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            mask=k_mask[:, None] & (offs_r[None, :] < R),
+            other=0.0,
+        )
+        x = x.to(a_t.dtype)
+        if DROPOUT:
+            keep = dropout_keep(seed, offs_m[:, None], offs_k[None, :], p_drop)
+            x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0).to(a_t.dtype)
+        acc = tl.dot(x, a_t, acc, input_precision=PREC)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    tl.store(out_ptrs, acc, mask=m_mask[:, None] & (offs_r[None, :] < R))
+
+
+def _check(x: torch.Tensor, a: torch.Tensor) -> None:
+    if x.dim() != 2 or a.dim() != 2:
+        raise ValueError(f"x_at: x and a must be 2-D, got {tuple(x.shape)} and {tuple(a.shape)}")
+    if x.shape[1] != a.shape[1]:
+        raise ValueError(f"x_at: x has {x.shape[1]} features but a has {a.shape[1]} columns")
+    if a.shape[0] > MAX_RANK:
+        raise ValueError(f"x_at: rank {a.shape[0]} > {MAX_RANK} is not supported by the kernel")
+    if x.device != a.device:
+        raise ValueError(f"x_at: x on {x.device} but a on {a.device}")
+    if not (x.dtype.is_floating_point and a.dtype.is_floating_point):
+        raise ValueError(f"x_at: floating-point inputs expected, got {x.dtype} and {a.dtype}")
+
+
+def x_at(
+    x: torch.Tensor, a: torch.Tensor, *, seed: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """``drop(x) @ a.T`` in fp32, shape (M, R); ``seed`` (int64 device scalar) is needed when p > 0."""
+    _check(x, a)
+    M, K = x.shape
+    R = a.shape[0]
+    out = torch.empty(M, R, device=x.device, dtype=torch.float32)
+    if M == 0 or R == 0:
+        return out.zero_()
+    dropout = dropout_p > 0.0
+    if dropout and seed is None:
+        raise ValueError("x_at: dropout_p > 0 needs a seed tensor")
+    r_pad = rank_pad(R)
+    block_m = 64 if INTERPRET else (32 if r_pad > 64 else 64)
+    block_k = 64 if INTERPRET else 128
+    grid = (triton.cdiv(M, block_m),)
+    _x_at_kernel[grid](
+        x, a, seed if dropout else out, out,
+        M, K, R,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        float(dropout_p),
+        DROPOUT=dropout, PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return out
+
+
+def x_at_reference(x: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | None = None, p: float = 0.0):
+    """float64 ``drop(x) @ a.T`` given the kept elements (the kernel's mask, see ``dropout_mask``)."""
+    x64 = x.to(a.dtype).double()
+    if keep is not None:
+        x64 = torch.where(keep, x64 / (1.0 - p), 0.0)
+    return x64 @ a.double().T
