@@ -109,19 +109,18 @@ def svd_linear_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dE, dB); gradients that are not needed come back as empty tensors."""
     dy = dy.to(weight.dtype)
-    empty = x.new_empty(0)
     g = x_at(dy, lora_B.t()) if (need_x or need_A or need_E) else None  # G = dy P, (M, r) fp32
-    dx = empty
+    dx = x.new_empty(0)  # not needed (outputs must not alias each other)
     if need_x:
         w_nk = _w_kn(weight, fan_in_fan_out).t()
         dx = xw_plus_sb(dy, w_nk, None, g, lora_A, lora_E, ranknum, scaling, seed=seed, dropout_p=dropout_p)
-    dA = empty
+    dA = x.new_empty(0)
     if need_A:
         dA = xt_s(x, g, lora_E, ranknum, scaling, seed=seed, dropout_p=dropout_p).to(lora_A.dtype)
-    dB = empty
+    dB = x.new_empty(0)
     if need_B:
         dB = xt_s(dy, s, lora_E, ranknum, scaling).t().contiguous().to(lora_B.dtype)
-    dE = empty
+    dE = x.new_empty(0)
     if need_E:
         scale = scaling / (ranknum.float() + 1e-5)
         dE = ((g * s).sum(0) * scale).unsqueeze(1).to(lora_E.dtype)
@@ -131,12 +130,11 @@ def svd_linear_bwd(
 @svd_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out, *needs):
     need_x, need_A, need_E, need_B = needs
-    empty = x.new_empty(0)
     return (
-        x.new_empty(x.shape) if need_x else empty,
-        torch.empty_like(lora_A) if need_A else empty,
-        torch.empty_like(lora_E) if need_E else empty,
-        torch.empty_like(lora_B) if need_B else empty,
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        torch.empty_like(lora_A) if need_A else x.new_empty(0),
+        torch.empty_like(lora_E) if need_E else x.new_empty(0),
+        torch.empty_like(lora_B) if need_B else x.new_empty(0),
     )
 
 

@@ -47,3 +47,26 @@ def batches(n: int, vocab: int = 64, batch: int = 2, seq: int = 9, seed: int = 1
 @pytest.fixture
 def llama_factory():
     return tiny_llama
+
+
+def kernel_devices() -> list[str]:
+    """Where the Triton kernels run in this session: the interpreter's CPU, or CUDA when compiled."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return ["cpu"]
+    return ["cuda"] if torch.cuda.is_available() else []
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """``torch.empty`` hands out poisoned memory (NaN / -7), so kernels must write every output element."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
