@@ -103,6 +103,8 @@ def _fused_unsupported(layer: SVDLinear, x: torch.Tensor) -> str | None:
     from .kernels.svd_linear import MAX_RANK, SUPPORTED_DTYPES
 
     weight = layer.base_layer.weight
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is enabled (the fused op computes in the weight's dtype)"
     if weight.requires_grad:
         return "the base weight requires grad (the fused op computes no weight gradient)"
     if x.dtype != weight.dtype:
