@@ -9,6 +9,16 @@ Timers: :func:`time_cpu` (median of wall times, for CPU runs and standalone scri
 :func:`time_cpu_interleaved` (round-robin over several callables, for fair ratios on a shared
 machine) and :func:`gpu_median_ms` (``triton.testing.do_bench``, median, CUDA only; triton is
 imported lazily).
+
+Per-layer benchmarks (one layer-like callable ``fn(x) -> y``): :func:`frozen_linear` and
+:func:`layer_inputs` build a frozen base layer and its (x, dy); :func:`layer_step` builds the timed
+closure of one mode of :data:`MODES` (``fwd``: forward with autograd recording, as in training, the
+output discarded; ``bwd``: backward alone through a graph recorded once; ``fwd+bwd``: both), each
+closure setting the given gradients to None first, as ``zero_grad(set_to_none=True)`` does, so
+nothing accumulates from call to call. :func:`time_layer_gpu` times the modes of one layer one after
+the other with :func:`gpu_median_ms`, :func:`time_layers_cpu` several layers round-robin with
+:func:`time_cpu_interleaved`; :func:`free_memory` releases what a finished configuration held and
+:func:`overhead_pct` / :func:`fmt_overhead` give the overhead over a baseline.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import gc
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -262,3 +272,145 @@ def gpu_median_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100, **kwa
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median", **kwargs))
+
+
+# ---- per-layer benchmarks -----------------------------------------------------------------------
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def frozen_linear(
+    d_in: int, d_out: int, device: str | torch.device, dtype: torch.dtype, seed: int = 0, bias: bool = False
+) -> torch.nn.Linear:
+    """A frozen ``nn.Linear(d_in, d_out)`` (the base of an adapted layer), built on ``device``."""
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(d_in, d_out, bias=bias, device=device, dtype=dtype)
+    return base.requires_grad_(False)
+
+
+def layer_inputs(
+    tokens: int, d_in: int, d_out: int, device: str | torch.device, dtype: torch.dtype, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, dy)``: random activations (tokens, d_in) that require grad, and an output gradient."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype, generator=g).requires_grad_(True)
+    dy = torch.randn(tokens, d_out, device=device, dtype=dtype, generator=g)
+    return x, dy
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached CUDA blocks (between configurations, after failures)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _set_none(grads: Sequence[torch.Tensor]) -> None:
+    for t in grads:
+        t.grad = None
+
+
+def layer_step(
+    mode: str,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    grads: Sequence[torch.Tensor] = (),
+) -> Callable[[], None]:
+    """The timed closure of ``mode`` (one of :data:`MODES`) for the layer-like callable ``fn``.
+
+    ``x`` is the input (it should require grad, as activations do in training), ``dy`` the output
+    gradient, ``grads`` the tensors whose ``.grad`` each call sets to None first (x and the trainable
+    parameters), so that gradients never accumulate across calls. ``fwd`` runs ``fn(x)`` with grad
+    enabled and drops the output (and its graph); ``bwd`` records the graph once, here, and each
+    call runs ``y.backward(dy, retain_graph=True)``: the closure holds that graph until it is
+    dropped; ``fwd+bwd`` runs ``fn(x).backward(dy)``.
+    """
+    grads = tuple(grads)
+    if mode == "fwd":
+
+        def step() -> None:
+            _set_none(grads)
+            with torch.enable_grad():
+                fn(x)
+
+    elif mode == "bwd":
+        with torch.enable_grad():
+            y = fn(x)
+        if y.shape != dy.shape:
+            raise ValueError(f"layer_step: output {tuple(y.shape)} but dy {tuple(dy.shape)}")
+
+        def step() -> None:
+            _set_none(grads)
+            y.backward(dy, retain_graph=True)
+
+    elif mode == "fwd+bwd":
+
+        def step() -> None:
+            _set_none(grads)
+            with torch.enable_grad():
+                fn(x).backward(dy)
+
+    else:
+        raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+    return step
+
+
+def time_layer_gpu(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    grads: Sequence[torch.Tensor] = (),
+    modes: Sequence[str] = MODES,
+    warmup: int = 25,
+    rep: int = 100,
+) -> dict[str, float]:
+    """``{mode: median ms}`` of one layer on the GPU, the modes timed one after the other.
+
+    Each mode's closure (and, for ``bwd``, its recorded graph) is dropped before the next mode is
+    built, and the gradients it made are set to None afterwards.
+    """
+    out: dict[str, float] = {}
+    for mode in modes:
+        step = layer_step(mode, fn, x, dy, grads)
+        try:
+            out[mode] = gpu_median_ms(step, warmup=warmup, rep=rep)
+        finally:
+            del step
+            _set_none(grads)
+    return out
+
+
+def time_layers_cpu(
+    fns: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    grads: Mapping[str, Sequence[torch.Tensor]],
+    mode: str,
+    warmup: int = 3,
+    iters: int = 20,
+) -> dict[str, list[float]]:
+    """Wall times (ms per call) of one mode of several layers, round-robin (:func:`time_cpu_interleaved`).
+
+    ``grads[name]`` are the tensors whose gradients the closure of layer ``name`` sets to None.
+    """
+    steps = {name: layer_step(mode, fn, x, dy, grads.get(name, ())) for name, fn in fns.items()}
+    try:
+        return time_cpu_interleaved(steps, warmup=warmup, iters=iters)
+    finally:
+        del steps
+        for g in grads.values():
+            _set_none(g)
+
+
+def overhead_pct(ms: float | None, base_ms: float | None) -> float | None:
+    """``(ms / base_ms - 1) * 100``, or None when either is missing (or the base is not positive)."""
+    if ms is None or base_ms is None or base_ms <= 0:
+        return None
+    return (ms / base_ms - 1.0) * 100.0
+
+
+def fmt_overhead(ms: float | None, base_ms: float | None) -> str:
+    """Overhead over the baseline as "+12.3%" ("-" when it cannot be computed)."""
+    pct = overhead_pct(ms, base_ms)
+    return "-" if pct is None else f"{pct:+.1f}%"

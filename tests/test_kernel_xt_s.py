@@ -35,8 +35,10 @@ def test_xt_s_matches_float64(device, M, C, R, dtype, p, poison_empty):
     assert max_rel_err(out, ref) <= 1e-5
 
 
-def test_xt_s_splits_rows_deterministically():
+@pytest.mark.parametrize("device", DEVICES)
+def test_xt_s_splits_rows_deterministically(device):
     """Several row splits (partial sums, no atomics): the same inputs give bit-identical results."""
-    x, s, E = torch.randn(513, 40), torch.randn(513, 5), torch.randn(5, 1)
-    a = mod.xt_s(x, s, E, torch.ones(1), 1.0)
-    assert torch.equal(a, mod.xt_s(x, s, E, torch.ones(1), 1.0))
+    x, s, E = (torch.randn(*shape, device=device) for shape in ((4099, 40), (4099, 5), (5, 1)))
+    one = torch.ones(1, device=device)
+    a = mod.xt_s(x, s, E, one, 1.0)
+    assert torch.equal(a, mod.xt_s(x, s, E, one, 1.0))

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# One GPU check of the fused SVD linear layer, sized to finish within 8 minutes on one H100:
+#   install (no network) -> environment -> GPU tests (<= 3 min) -> benchmark goal point (--quick,
+#   do_bench defaults) -> full benchmark grid (shorter do_bench) -> OUTDIR/summary.txt.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# OUTDIR gets: env.txt (install log, nvidia-smi, versions), gpu_tests.log, quick/bench_svd_linear.log,
+# quick/gpu_svd_linear.csv, bench_svd_linear.log, gpu_svd_linear.csv, summary.txt.
+# Every step runs under `timeout` against one deadline (CHECK_BUDGET_S, default 470 s from the start);
+# a failed or timed-out step is recorded and the script goes on; it exits 1 if anything failed.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUTDIR=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+export TRITON_INTERPRET=0 # tests/conftest.py defaults it to 1 (the interpreter) otherwise
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python}
+BUDGET=${CHECK_BUDGET_S:-470}
+START=$SECONDS
+SUMMARY="$OUTDIR/summary.txt"
+: >"$SUMMARY"
+FAILED=0
+LAST_RC=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# Seconds a step may run: its cap, or what is left before the deadline (minus a reserve for the summary).
+allow() {
+    local cap=$1 left=$((BUDGET - (SECONDS - START) - 10))
+    if ((left < cap)); then echo "$left"; else echo "$cap"; fi
+}
+
+# step NAME CAP LOG CMD...: run CMD under timeout, output appended to LOG (and shown), rc recorded.
+step() {
+    local name=$1 cap=$2 log=$3 t0=$SECONDS rc=0 limit
+    shift 3
+    limit=$(allow "$cap")
+    if ((limit < 15)); then
+        note "$name: SKIPPED (only ${limit}s left of the ${BUDGET}s budget)"
+        FAILED=1
+        return 0
+    fi
+    echo "=== $name (timeout ${limit}s): $*" | tee -a "$log"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log" || rc=$?
+    local status="rc=$rc"
+    if ((rc == 124 || rc == 137)); then status="rc=$rc TIMEOUT after ${limit}s"; fi
+    note "$name: $status ($((SECONDS - t0))s)"
+    LAST_RC=$rc
+}
+
+note "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) repo $REPO commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+# ---- install and environment --------------------------------------------------------------------
+ENV_LOG="$OUTDIR/env.txt"
+: >"$ENV_LOG"
+step install 90 "$ENV_LOG" "$PY" -m pip install --no-deps --no-build-isolation -e .
+if ((LAST_RC != 0)); then
+    FAILED=1
+fi
+if ! "$PY" -c "import adalora_fast.kernels" >>"$ENV_LOG" 2>&1; then
+    # Fallback without pip: a package folder of links, with kernels/ as adalora_fast.kernels.
+    SHIM=$(mktemp -d)
+    mkdir -p "$SHIM/adalora_fast"
+    ln -s "$REPO"/adalora_fast/*.py "$SHIM/adalora_fast/"
+    ln -s "$REPO/kernels" "$SHIM/adalora_fast/kernels"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    note "install: adalora_fast.kernels not importable after pip; using PYTHONPATH shim $SHIM"
+fi
+{
+    nvidia-smi || echo "nvidia-smi failed"
+    "$PY" - <<'EOF'
+import torch, triton
+import adalora_fast, adalora_fast.kernels
+print("python", __import__("sys").version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
+print("triton", triton.__version__)
+for name in ("peft", "transformers", "pytest", "pytest_benchmark", "hypothesis"):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as err:  # noqa: BLE001
+        print(name, "unavailable:", err)
+print("adalora_fast", adalora_fast.__file__, "kernels", adalora_fast.kernels.__file__)
+EOF
+} 2>&1 | tee -a "$ENV_LOG" || true
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    note "environment: NO CUDA DEVICE visible to torch (the benchmark would run its CPU shape)"
+    FAILED=1
+fi
+
+# ---- tests (<= 3 min) ---------------------------------------------------------------------------
+TEST_LOG="$OUTDIR/gpu_tests.log"
+: >"$TEST_LOG"
+# pytest exit code 5 = no tests collected: not a failure, but said so.
+test_rc() {
+    local name=$1
+    if ((LAST_RC == 5)); then
+        note "$name: no tests collected"
+    elif ((LAST_RC != 0)); then
+        FAILED=1
+    fi
+}
+LAST_RC=0
+step "tests -m gpu" 75 "$TEST_LOG" "$PY" -m pytest -q -rfEs -m gpu tests
+test_rc "tests -m gpu"
+shopt -s nullglob
+KERNEL_TESTS=()
+for f in tests/test_svd_linear_op.py tests/test_kernel_*.py; do
+    [[ -e $f ]] && KERNEL_TESTS+=("$f")
+done
+shopt -u nullglob
+if ((${#KERNEL_TESTS[@]} == 0)); then
+    note "kernel tests: MISSING (no tests/test_svd_linear_op.py nor tests/test_kernel_*.py yet); skipped"
+else
+    LAST_RC=0
+    step "kernel tests (${KERNEL_TESTS[*]})" 105 "$TEST_LOG" "$PY" -m pytest -q -rfEs "${KERNEL_TESTS[@]}"
+    test_rc "kernel tests"
+fi
+
+# ---- benchmark: goal point first (do_bench defaults), then the full grid (shorter do_bench) ------
+# Full grid: 3 shapes x 3 token counts x (base + 4 ranks x 3 providers) x 3 modes = 351 do_bench
+# calls (~0.1 s each at warmup 10 / rep 40 ms), ~27 autotuning keys of the GEMM kernel (7 configs
+# each), ~40 kernel compilations: about 2.5-3.5 minutes on an H100.
+mkdir -p "$OUTDIR/quick"
+LAST_RC=0
+step "bench --quick" 90 "$OUTDIR/quick/bench_svd_linear.log" \
+    "$PY" benchmarks/bench_svd_linear.py --quick --out "$OUTDIR/quick"
+((LAST_RC == 0)) || FAILED=1
+LAST_RC=0
+step "bench full grid" 230 "$OUTDIR/bench_svd_linear.log" \
+    "$PY" benchmarks/bench_svd_linear.py --out "$OUTDIR" --warmup 10 --rep 40
+((LAST_RC == 0)) || FAILED=1
+
+# ---- summary ------------------------------------------------------------------------------------
+goal() {
+    local log=$1
+    if [[ -f $log ]] && grep -q '^GOAL' "$log"; then grep '^GOAL' "$log" | tail -n 1; else echo "no GOAL line"; fi
+}
+nfail() {
+    local log=$1
+    if [[ -f $log ]]; then grep -c '^FAILED' "$log" || true; else echo 0; fi
+}
+note "goal (quick, do_bench warmup 25 / rep 100 ms): $(goal "$OUTDIR/quick/bench_svd_linear.log")"
+note "goal (full grid, do_bench warmup 10 / rep 40 ms): $(goal "$OUTDIR/bench_svd_linear.log")"
+note "benchmark measurement failures: quick $(nfail "$OUTDIR/quick/bench_svd_linear.log"), full $(nfail "$OUTDIR/bench_svd_linear.log")"
+note "total $((SECONDS - START))s of the ${BUDGET}s budget"
+if ((FAILED)); then
+    note "RESULT: FAILED (see the rc lines above and the logs)"
+    exit 1
+fi
+note "RESULT: OK"
