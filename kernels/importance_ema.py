@@ -163,3 +163,32 @@ def importance_scores_(
     )  # fmt: skip
     _triplet_kernel[(M,)](partial, layout, out, M, r, SPLITS=splits, R_PAD=r_pad)
     return out
+
+
+def layout_table(params: list[torch.Tensor], r: int) -> torch.Tensor:
+    """The (3M, 4) layout rows for matrices ordered [A_0..A_M-1, E_0.., B_0..], EMAs packed densely.
+
+    Parameters must be contiguous: A (r, d_in), E (r, 1), B (d_out, r). Built on the host (CPU tensor).
+    """
+    M = len(params) // 3
+    rows, offset = [], 0
+    for i, t in enumerate(params):
+        kind = i // M
+        expected = {0: (r, t.shape[-1]), 1: (r, 1), 2: (t.shape[0], r)}[kind]
+        if tuple(t.shape) != expected or not t.is_contiguous():
+            raise ValueError(
+                f"importance_ema: matrix {i} has shape {tuple(t.shape)}, expected contiguous {expected}"
+            )
+        if kind == 0:
+            rows.append([offset, t.shape[1], t.shape[1], 1])  # A: rank = row
+        elif kind == 1:
+            rows.append([offset, 1, 1, 0])  # E: one element per rank
+        else:
+            rows.append([offset, t.shape[0], 1, r])  # B: rank = column
+        offset += t.numel()
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def pointer_table(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """int64 data pointers (host tensor; the caller moves it to the device once and caches it)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
