@@ -12,6 +12,7 @@ from typing import Any
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "ADALORA_FAST_BACKEND"
+OUR_FIELDS = ("backend", "compact_after_final")  # our extensions, kept out of PEFT's adapter_config.json
 
 
 @dataclass
@@ -20,6 +21,13 @@ class AdaLoraConfig:
 
     ``total_step`` may stay ``None`` until training starts (a Trainer callback fills it in);
     :meth:`adalora_fast.AdaLoraModel.update_and_allocate` raises until it is set.
+
+    Fields that are ours, not PEFT's (left out of ``adapter_config.json``): ``backend`` (a load-time
+    choice) and ``compact_after_final``: when True, once the rank pattern is fixed at step
+    ``total_step - tfinal`` every layer's A, E, B are shrunk in place to the kept ranks (see
+    :meth:`adalora_fast.AdaLoraModel.compact`), so the final phase trains at the target rank;
+    ``update_and_allocate(step, optimizer=opt)`` then needs the optimizer to slice its state. It is
+    kept across our own save/load through the training-state file.
     """
 
     init_r: int = 12
@@ -36,6 +44,7 @@ class AdaLoraConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     backend: str = "auto"
+    compact_after_final: bool = False
     # PEFT fields kept so checkpoints round-trip; fan_in_fan_out is detected per module (Conv1D).
     task_type: str | None = None
     base_model_name_or_path: str | None = None
@@ -74,6 +83,8 @@ class AdaLoraConfig:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if not isinstance(self.compact_after_final, bool):
+            raise ValueError(f"compact_after_final must be a bool, got {self.compact_after_final!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.total_step is not None:
@@ -111,7 +122,8 @@ class AdaLoraConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         """The fields PEFT's ``AdaLoraConfig`` reads; unknown-to-us PEFT fields keep PEFT defaults."""
         d = asdict(self)
-        d.pop("backend")
+        for ours in OUR_FIELDS:  # not PEFT's: older PEFT versions reject unknown fields
+            d.pop(ours)
         d.update(
             peft_type="ADALORA",
             r=8,  # unused by AdaLoRA; PEFT warns when it differs from its default

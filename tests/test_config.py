@@ -36,6 +36,8 @@ peft = pytest.importorskip("peft")
         (dict(lora_dropout=1.0), "lora_dropout"),
         (dict(lora_dropout=-0.1), "lora_dropout"),
         (dict(backend="cuda"), "backend"),
+        (dict(compact_after_final=1), "compact_after_final"),
+        (dict(compact_after_final="yes"), "compact_after_final"),
     ],
 )
 def test_invalid_field_raises_naming_it(kwargs, field):
@@ -131,6 +133,7 @@ def test_peft_dict_round_trip():
     d = cfg.to_peft_dict()
     assert d["peft_type"] == "ADALORA"
     assert "backend" not in d
+    assert "compact_after_final" not in d
     back = af.AdaLoraConfig.from_peft_dict(d)
     for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step", "target_modules"):
         assert getattr(back, name) == getattr(cfg, name), name
@@ -192,3 +195,11 @@ def test_get_adalora_model_no_match_raises(targets):
 def test_wrong_types_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         af.AdaLoraConfig(**{field: value})
+
+
+def test_compact_after_final_is_ours_not_peft():
+    cfg = af.AdaLoraConfig(total_step=10, compact_after_final=True)
+    d = cfg.to_peft_dict()
+    assert "compact_after_final" not in d
+    peft.AdaLoraConfig(**{k: v for k, v in d.items() if k != "peft_type"})  # PEFT accepts what we write
+    assert af.AdaLoraConfig().compact_after_final is False
