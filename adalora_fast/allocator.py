@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import dispatch
-from .reference import ReferenceRankAllocator, budget_schedule, kth_smallest
+from .reference import ReferenceRankAllocator, budget_schedule, grads_finite, kth_smallest
 
 if TYPE_CHECKING:
     from .config import AdaLoraConfig
@@ -78,6 +78,8 @@ class FlatScorer:
         self.ema_unc: dict[str, torch.Tensor] | None = None
         self.bind()
         self.keep = torch.ones(m, self.r, dtype=torch.bool, device=self.flat_E.device)
+        # Scoring steps skipped because a gradient held inf/NaN (0-d int64, on the device).
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.flat_E.device)
 
     @staticmethod
     def _offsets(order: list[int], sizes: list[int]) -> list[int]:
@@ -93,6 +95,13 @@ class FlatScorer:
         """Make every ``lora_E`` a view of one (M, r) buffer; re-done only when a pointer changed
         (``model.to()``, ``load_state_dict(assign=True)``, ``.data`` replaced)."""
         params = [x.lora_E for x in self.layers]
+        changed = [n for n, p in zip(self.names, params, strict=True) if tuple(p.shape) != (self.r, 1)]
+        if changed:
+            raise RuntimeError(
+                f"{changed[0]}.lora_E has shape {tuple(params[self.names.index(changed[0])].shape)}, this "
+                f"scorer was built for rank {self.r}: the layers were resized (compact()?); rebuild the "
+                "allocator (model.build_allocator())"
+            )
         if self.flat_E is not None and all(
             p.data_ptr() == ptr and p.device == self.flat_E.device and p.dtype == self.flat_E.dtype
             for p, ptr in zip(params, self._E_ptrs, strict=True)
@@ -118,6 +127,7 @@ class FlatScorer:
         self._b_inv = torch.tensor(self._inverse(self.b_order), device=device)
         if hasattr(self, "keep"):
             self.keep = self.keep.to(device)
+            self.nonfinite_steps = self.nonfinite_steps.to(device)
         if self.ema_ipt is not None:
             self.ema_ipt = {k: v.to(device) for k, v in self.ema_ipt.items()}
             self.ema_unc = {k: v.to(device) for k, v in self.ema_unc.items()}
@@ -166,7 +176,22 @@ class FlatScorer:
             ),
         }
 
+    def _grads_finite(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """0-d bool device tensor: no element of ``grads`` is inf or NaN. No host sync. Here ``grads``
+        are the three concatenated gradient matrices, so the op count does not grow with depth."""
+        return grads_finite(grads)
+
+    def _count_nonfinite(self, finite: torch.Tensor) -> None:
+        """``nonfinite_steps += not finite`` on the device."""
+        self.nonfinite_steps.add_(finite.logical_not())
+
     def update_scores(self) -> None:
+        """One EMA step for every element of every A, E, B of the model.
+
+        If any adapter gradient holds inf or NaN (an fp16 step that GradScaler skips), the step is
+        skipped for the whole model: the EMAs stay bitwise unchanged (``torch.where``, so no NaN gets
+        in) and ``nonfinite_steps`` counts it. Decided on the device, no host sync.
+        """
         self.bind()
         b1, b2 = self.beta1, self.beta2
         with torch.no_grad():
@@ -174,12 +199,16 @@ class FlatScorer:
             if self.ema_ipt is None:
                 self.ema_ipt = {k: torch.zeros_like(g) for k, (_, g) in gathered.items()}
                 self.ema_unc = {k: torch.zeros_like(g) for k, (_, g) in gathered.items()}
+            finite = self._grads_finite([g for _, g in gathered.values()])
+            self._count_nonfinite(finite)
             for kind, (p, g) in gathered.items():
                 ipt = (p * g).abs_()
                 ema, unc = self.ema_ipt[kind], self.ema_unc[kind]
                 # Same products and sums as PEFT, element by element: b*ema + (1-b)*x.
-                ema.mul_(b1).add_(ipt * (1 - b1))
-                unc.mul_(b2).add_((ipt - ema).abs_().mul_(1 - b2))
+                new_ema = torch.mul(ema, b1).add_(ipt * (1 - b1))
+                new_unc = torch.mul(unc, b2).add_((ipt - new_ema).abs_().mul_(1 - b2))
+                torch.where(finite, new_ema, ema, out=ema)
+                torch.where(finite, new_unc, unc, out=unc)
 
     def scores(self) -> torch.Tensor:
         """Triplet scores, shape (M, r)."""
@@ -315,6 +344,18 @@ class RankAllocator:
         self.finalized = False  # the final pattern is recorded (step >= T - tfinal)
 
     @property
+    def nonfinite_steps(self) -> torch.Tensor:
+        """How many scoring steps were skipped because an adapter gradient held inf or NaN: a 0-d int64
+        tensor on the adapters' device, updated without host syncs (``int()`` of it syncs)."""
+        return self.scorer.nonfinite_steps
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: torch.Tensor) -> None:
+        self.scorer.nonfinite_steps = value.reshape(()).to(
+            device=self.scorer.nonfinite_steps.device, dtype=torch.int64
+        )
+
+    @property
     def init_bgt(self) -> int:
         return self.scorer.init_bgt
 
@@ -335,7 +376,11 @@ class RankAllocator:
         )
 
     def update_and_allocate(self, step: int) -> int:
-        """Update scores and masks for ``step``; returns the budget of that step (a Python int)."""
+        """Update scores and masks for ``step``; returns the budget of that step (a Python int).
+
+        Steps with inf/NaN in any adapter gradient (fp16 steps that GradScaler skips) leave the
+        scores untouched (see ``nonfinite_steps``); a mask step among them masks with the previous
+        scores. No host sync on any step."""
         cfg = self.config
         if cfg.total_step is None:
             raise ValueError(

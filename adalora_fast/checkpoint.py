@@ -6,8 +6,9 @@ Files in a checkpoint directory:
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A|lora_E|lora_B``, pruned to the
   kept ranks (PEFT loads this directory as is).
 * ``adalora_training_state.safetensors``: what the PEFT format drops: the full (unpruned) A, E, B,
-  the score EMAs, the keep masks, and the allocator's step and flags (metadata). Only trainable
-  models write it; ``from_pretrained(..., is_trainable=True)`` uses it to resume.
+  the score EMAs, the keep masks, the count of score steps skipped for non-finite gradients, and
+  the allocator's step and flags (metadata). Only trainable models write it;
+  ``from_pretrained(..., is_trainable=True)`` uses it to resume.
 
 Every file is written to a temporary name and renamed into place.
 """
@@ -39,6 +40,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 STATE_NAME = "adalora_training_state.safetensors"
 PREFIX = "base_model.model."
 STATE_FORMAT = 1
+# Optional keys of format 1 (older files lack them and still load):
+NONFINITE_KEY = "allocator.nonfinite_steps"  # int64 (1,): score steps skipped for inf/NaN gradients
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -116,6 +119,7 @@ def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
         state[f"scores.{key}"] = _cpu(t)
     for name, k in alloc.keep_mask().items():
         state[f"keep.{name}"] = _cpu(k).to(torch.uint8)
+    state[NONFINITE_KEY] = _cpu(alloc.nonfinite_steps).reshape(1)
     meta = {
         "format": STATE_FORMAT,
         "modules": model.adapted_names,
@@ -297,4 +301,6 @@ def load_pretrained(
         alloc.budget = meta["budget"]
         alloc.masked = meta["masked"]
         alloc.finalized = meta["finalized"]
+        if NONFINITE_KEY in state:
+            alloc.nonfinite_steps = state[NONFINITE_KEY]
     return wrapped

@@ -104,6 +104,14 @@ class AdaLoraModel(nn.Module):
             raise RuntimeError("this AdaLoraModel was loaded for inference (is_trainable=False)")
         return self.rank_allocator.update_and_allocate(global_step)
 
+    def nonfinite_score_steps(self) -> int:
+        """How many score updates were skipped because an adapter gradient held inf or NaN (fp16 steps
+        that GradScaler skips). Reads the device counter ``rank_allocator.nonfinite_steps`` (one
+        host sync: for logging, not for the hot loop). 0 for a model loaded for inference."""
+        if self.rank_allocator is None:
+            return 0
+        return int(self.rank_allocator.nonfinite_steps)
+
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
         """``{adapted module name: [bool] * init_r}``: the ranks kept by the last mask step

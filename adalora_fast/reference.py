@@ -58,6 +58,21 @@ def budget_schedule(
     return budget, step % deltaT == 0
 
 
+def grads_finite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of every tensor in ``grads`` is finite, as a 0-d bool tensor on the first
+    tensor's device (decided on the device: nothing is read back to the host)."""
+    if not grads:
+        raise ValueError("grads_finite needs at least one tensor")
+    device = grads[0].device
+    # min() of a bool tensor is its logical "all"; unlike all()/sum(), CPU's min() issues the same ops
+    # whatever the size (all() adds a buffer and a copy above a size threshold). Empty tensors are
+    # skipped (min() of nothing is an error; they are trivially finite).
+    flags = [torch.isfinite(g).min().to(device) for g in grads if g.numel() > 0]
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return flags[0] if len(flags) == 1 else torch.stack(flags).min()
+
+
 def update_importance_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -65,12 +80,25 @@ def update_importance_(
     ema_unc: torch.Tensor,
     beta1: float,
     beta2: float,
+    finite: torch.Tensor | None = None,
 ) -> None:
     """Sensitivity ``I = |p * g|`` smoothed into ``ema_ipt``; uncertainty ``|I - ema_ipt_new|`` into
-    ``ema_unc`` (both in place; updated-mean semantics, PEFT's op order)."""
+    ``ema_unc`` (both in place; updated-mean semantics, PEFT's op order).
+
+    ``finite`` (0-d bool tensor, see :func:`grads_finite`): when it holds False both EMAs are left
+    bitwise unchanged (the step's gradients held inf/NaN); chosen with ``torch.where``, so no NaN
+    reaches the EMAs and nothing syncs with the host. ``None`` updates unconditionally (PEFT).
+    """
     ipt = (param * grad).abs()
-    ema_ipt.copy_(beta1 * ema_ipt + (1 - beta1) * ipt)
-    ema_unc.copy_(beta2 * ema_unc + (1 - beta2) * (ipt - ema_ipt).abs())
+    if finite is None:
+        ema_ipt.copy_(beta1 * ema_ipt + (1 - beta1) * ipt)
+        ema_unc.copy_(beta2 * ema_unc + (1 - beta2) * (ipt - ema_ipt).abs())
+        return
+    finite = finite.to(ema_ipt.device)
+    new_ipt = beta1 * ema_ipt + (1 - beta1) * ipt
+    new_unc = beta2 * ema_unc + (1 - beta2) * (ipt - new_ipt).abs()
+    ema_ipt.copy_(torch.where(finite, new_ipt, ema_ipt))
+    ema_unc.copy_(torch.where(finite, new_unc, ema_unc))
 
 
 def triplet_scores(s_A: torch.Tensor, s_E: torch.Tensor, s_B: torch.Tensor) -> torch.Tensor:
@@ -108,6 +136,11 @@ class ReferenceRankAllocator:
 
     State is kept per layer: ``ema_ipt[name][kind]`` / ``ema_unc[name][kind]`` for kind in
     ``("lora_A", "lora_E", "lora_B")`` and ``keep[name]`` (bool, shape (r,)).
+
+    One deliberate departure from PEFT: when any adapter gradient of any layer holds inf or NaN (an
+    fp16 step that GradScaler skips), :meth:`update_scores` leaves every EMA bitwise unchanged and
+    adds 1 to ``nonfinite_steps`` (0-d int64 tensor), decided on the device. PEFT lets such
+    gradients poison the EMAs.
     """
 
     KINDS = ("lora_A", "lora_E", "lora_B")
@@ -123,26 +156,42 @@ class ReferenceRankAllocator:
         self.keep = {
             n: torch.ones(m.lora_E.shape[0], dtype=torch.bool, device=m.lora_E.device) for n, m in layers
         }
+        device = self.layers[0].lora_E.device if self.layers else torch.device("cpu")
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
 
     def update_scores(self) -> None:
+        """One EMA step for every element of every A, E, B; skipped for the whole model (EMAs bitwise
+        unchanged, ``nonfinite_steps += 1``) when any gradient holds inf or NaN."""
+        params = []
+        for name, layer in zip(self.names, self.layers, strict=True):
+            for kind in self.KINDS:
+                p = getattr(layer, kind)
+                if p.grad is None:
+                    raise RuntimeError(
+                        f"{name}.{kind} has no gradient: call update_and_allocate after backward() "
+                        "and optimizer.step(), before zero_grad()"
+                    )
+                params.append((name, kind, p))
         if self.ema_ipt is None:
             self.ema_ipt = {n: {} for n in self.names}
             self.ema_unc = {n: {} for n in self.names}
         with torch.no_grad():
-            for name, layer in zip(self.names, self.layers, strict=True):
-                for kind in self.KINDS:
-                    p = getattr(layer, kind)
-                    if p.grad is None:
-                        raise RuntimeError(
-                            f"{name}.{kind} has no gradient: call update_and_allocate after backward() "
-                            "and optimizer.step(), before zero_grad()"
-                        )
-                    if kind not in self.ema_ipt[name]:
-                        self.ema_ipt[name][kind] = torch.zeros_like(p)
-                        self.ema_unc[name][kind] = torch.zeros_like(p)
-                    update_importance_(
-                        p, p.grad, self.ema_ipt[name][kind], self.ema_unc[name][kind], self.beta1, self.beta2
-                    )
+            finite = grads_finite([p.grad for _, _, p in params])
+            self.count_nonfinite(finite)
+            for name, kind, p in params:
+                if kind not in self.ema_ipt[name]:
+                    self.ema_ipt[name][kind] = torch.zeros_like(p)
+                    self.ema_unc[name][kind] = torch.zeros_like(p)
+                update_importance_(
+                    p, p.grad, self.ema_ipt[name][kind], self.ema_unc[name][kind], self.beta1, self.beta2,
+                    finite=finite,
+                )  # fmt: skip
+
+    def count_nonfinite(self, finite: torch.Tensor) -> None:
+        """``nonfinite_steps += not finite``, on the device."""
+        if self.nonfinite_steps.device != finite.device:
+            self.nonfinite_steps = self.nonfinite_steps.to(finite.device)
+        self.nonfinite_steps.add_(finite.logical_not())
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Triplet scores per layer (shape (r,))."""
