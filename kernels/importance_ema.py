@@ -135,12 +135,14 @@ def importance_scores_(
     numel_table: torch.Tensor | None = None,
     nonfinite_flag: torch.Tensor | None = None,
     splits: int = 4,
+    update: bool = True,
 ) -> torch.Tensor:
     """Update the EMAs of all ``3 * M`` fp32 matrices in place; return the (M, r) triplet scores.
 
     With ``nonfinite_flag`` (an int32 device scalar set to 0 by the caller) and ``numel_table``, a
     first launch sets the flag if any gradient is not finite and the EMA update is then skipped
-    (the scores are those of the unchanged EMAs).
+    (the scores are those of the unchanged EMAs). ``update=False`` only computes the scores of the
+    current EMAs (gradients are not read; ``g_table`` may be ``p_table``).
     """
     M = p_table.shape[0] // 3
     _check_tables(p_table, g_table, layout, M)
@@ -150,8 +152,10 @@ def importance_scores_(
     r_pad = rank_pad(r)
     partial = torch.empty(3 * M, splits, r_pad, device=ema_ipt.device, dtype=torch.float32)
     out = torch.empty(M, r, device=ema_ipt.device, dtype=torch.float32)
+    if not update:  # a set flag makes the EMA kernel leave the buffers as they are
+        nonfinite_flag, numel_table = torch.ones((), dtype=torch.int32, device=ema_ipt.device), None
     check = nonfinite_flag is not None
-    if check:
+    if check and update:
         if numel_table is None or nonfinite_flag.dtype != torch.int32:
             raise ValueError("importance_ema: the non-finite check needs numel_table and an int32 flag")
         _nonfinite_kernel[(3 * M, splits)](g_table, numel_table, nonfinite_flag, SPLITS=splits, BLOCK=1024)

@@ -1,0 +1,183 @@
+"""The allocator's Triton scorer: every score EMA of the model in a fixed number of launches.
+
+:class:`TritonScorer` is :class:`~adalora_fast.allocator.FlatScorer` (same schedule, same E buffer,
+same masking, same checkpoint format) with the scoring done by :mod:`adalora_fast.kernels.importance_ema`:
+no concatenation of the weights and gradients; the kernels read each parameter and gradient where it
+lives, through device tables of data pointers, and update two flat fp32 EMA buffers in place.
+
+The pointer tables are rebuilt only when a pointer changes (new gradients after
+``zero_grad(set_to_none=True)`` usually come back at the same addresses from PyTorch's caching
+allocator); on CUDA a rebuild is an asynchronous copy from pinned memory, not a host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from .allocator import KINDS, FlatScorer
+from .kernels import importance_ema
+
+if TYPE_CHECKING:
+    from .layer import SVDLinear
+
+
+def _device_table(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class TritonScorer(FlatScorer):
+    """FlatScorer whose EMA update and triplet scores run in the ``importance_ema`` kernels."""
+
+    @staticmethod
+    def unsupported(layers: Sequence[tuple[str, SVDLinear]]) -> str | None:
+        """Why the kernels cannot score these layers (the torch scorer is used instead), or None."""
+        dtypes = {m.lora_A.dtype for _, m in layers}
+        if dtypes != {torch.float32}:
+            return f"adapter dtypes {sorted(map(str, dtypes))} (the score kernels take float32 adapters)"
+        return None
+
+    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int):
+        self._flat_ipt: torch.Tensor | None = None
+        self._flat_unc: torch.Tensor | None = None
+        self._scores: torch.Tensor | None = None
+        self._p_key: tuple[int, ...] | None = None
+        self._g_key: tuple[int, ...] | None = None
+        super().__init__(layers, beta1, beta2, target_r)
+        params = self._params()
+        layout = importance_ema.layout_table(params, self.r)  # host tensor, built once
+        self._offsets_host = layout[:, 0].tolist()
+        self._layout = layout.to(self.flat_E.device)
+        self._numel = torch.tensor([p.numel() for p in params], device=self.flat_E.device)
+        self._flag = torch.zeros((), dtype=torch.int32, device=self.flat_E.device)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [getattr(m, kind) for kind in KINDS for m in self.layers]
+
+    def _grads(self) -> list[torch.Tensor]:
+        out = []
+        for kind in KINDS:
+            for name, m in zip(self.names, self.layers, strict=True):
+                g = self._grad(name, kind, getattr(m, kind))
+                if g.dtype != torch.float32 or not g.is_contiguous():
+                    raise RuntimeError(f"{name}.{kind}.grad must be contiguous float32 for the score kernels")
+                out.append(g)
+        return out
+
+    def bind(self) -> None:
+        # FlatScorer.bind moves dict EMAs; ours are flat buffers, moved below.
+        flat = self._flat_ipt, self._flat_unc
+        self._flat_ipt = self._flat_unc = None
+        try:
+            super().bind()
+        finally:
+            self._flat_ipt, self._flat_unc = flat
+        device = self.flat_E.device
+        for attr in ("_layout", "_numel", "_flag", "_flat_ipt", "_flat_unc", "_scores"):
+            t = getattr(self, attr, None)
+            if t is not None and t.device != device:
+                setattr(self, attr, t.to(device))
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params, grads = self._params(), self._grads()
+        device = self.flat_E.device
+        p_key = tuple(p.data_ptr() for p in params)
+        if p_key != self._p_key:
+            self._p_table = _device_table(importance_ema.pointer_table(params), device)
+            self._p_key = p_key
+        g_key = tuple(g.data_ptr() for g in grads)
+        if g_key != self._g_key:
+            self._g_table = _device_table(importance_ema.pointer_table(grads), device)
+            self._g_key = g_key
+        return self._p_table, self._g_table
+
+    def update_scores(self) -> None:
+        """One EMA step of every element (skipped on device if any gradient is inf/NaN) + scores."""
+        self.bind()
+        with torch.no_grad():
+            p_table, g_table = self._tables()
+            if self._flat_ipt is None:
+                n = self._total_elements()
+                self._flat_ipt = torch.zeros(n, device=self.flat_E.device)
+                self._flat_unc = torch.zeros(n, device=self.flat_E.device)
+            self._flag.zero_()
+            self._scores = importance_ema.importance_scores_(
+                p_table, g_table, self._layout, self._flat_ipt, self._flat_unc,
+                self.r, self.beta1, self.beta2, numel_table=self._numel, nonfinite_flag=self._flag,
+            )  # fmt: skip
+            self.nonfinite_steps.add_(self._flag)
+
+    def _total_elements(self) -> int:
+        return sum(p.numel() for p in self._params())  # host arithmetic on shapes, no device read
+
+    @property
+    def ema_ipt(self):  # the FlatScorer API: None before the first scoring step / after free_scores()
+        return self._flat_ipt
+
+    @ema_ipt.setter
+    def ema_ipt(self, value) -> None:
+        if value is not None:
+            raise AttributeError("TritonScorer keeps its EMAs in flat buffers; use load_layer_state()")
+        self._flat_ipt = None
+        self._scores = None
+
+    @property
+    def ema_unc(self):
+        return self._flat_unc
+
+    @ema_unc.setter
+    def ema_unc(self, value) -> None:
+        if value is not None:
+            raise AttributeError("TritonScorer keeps its EMAs in flat buffers; use load_layer_state()")
+        self._flat_unc = None
+        self._scores = None
+
+    def scores(self) -> torch.Tensor:
+        """Triplet scores (M, r) of the current EMAs (from the last update, or recomputed after a load)."""
+        if self._flat_ipt is None:
+            raise RuntimeError("no importance scores yet: update_and_allocate has not run a scoring step")
+        if self._scores is None:
+            p_table, _ = self._tables_params_only()
+            self._scores = importance_ema.importance_scores_(
+                p_table, p_table, self._layout, self._flat_ipt, self._flat_unc,
+                self.r, self.beta1, self.beta2, update=False,
+            )  # fmt: skip
+        return self._scores
+
+    def _tables_params_only(self) -> tuple[torch.Tensor, None]:
+        params = self._params()
+        p_key = tuple(p.data_ptr() for p in params)
+        if p_key != self._p_key:
+            self._p_table = _device_table(importance_ema.pointer_table(params), self.flat_E.device)
+            self._p_key = p_key
+        return self._p_table, None
+
+    # ---- per-layer state (checkpoints): views into the flat buffers, in each parameter's shape --
+    def layer_state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self._flat_ipt is None:
+            return out
+        params = self._params()
+        M = len(self.layers)
+        for i, p in enumerate(params):
+            kind, layer = divmod(i, M)
+            off = self._offsets_host[i]
+            for tag, buf in (("ema_ipt", self._flat_ipt), ("ema_unc", self._flat_unc)):
+                out[f"{self.names[layer]}.{KINDS[kind]}.{tag}"] = buf[off : off + p.numel()].view(p.shape)
+        return out
+
+    def load_layer_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._scores = None
+        if not state:
+            self._flat_ipt = self._flat_unc = None
+            return
+        self.bind()
+        bufs = {}
+        for tag in ("ema_ipt", "ema_unc"):
+            parts = [state[f"{name}.{kind}.{tag}"].reshape(-1) for kind in KINDS for name in self.names]
+            bufs[tag] = torch.cat(parts).to(device=self.flat_E.device, dtype=torch.float32)
+        self._flat_ipt, self._flat_unc = bufs["ema_ipt"], bufs["ema_unc"]
