@@ -1,9 +1,9 @@
 """Small pieces shared by the SVD-linear kernels: jit helpers and host-side launch metadata.
 
 Jit helpers (inlined into the kernels that call them):
-- :func:`dropout_keep`: the keep mask of element (row, col) of a dropout, from Philox with two
-  32-bit counters (col, row), so it is the same in every kernel that touches that element and needs
-  no offsets that could overflow int32 on large activations.
+- :func:`dropout_keep`: the keep mask of a tile of a dropout, from Philox with two 32-bit counters
+  (col // 4, row), so an element gets the same bit in every kernel that touches it, and no offsets
+  that could overflow int32 on large activations.
 - :func:`adapter_lambda`: ``E * scaling / (ranknum + 1e-5)`` for a block of ranks, read on the device
   (no host sync on ``ranknum``).
 
@@ -13,6 +13,7 @@ precision that matches PyTorch's numerics for each dtype.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import cache
 
@@ -22,19 +23,29 @@ import triton.language as tl
 
 # Triton decides at decoration time whether kernels are interpreted: read the flag the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# ADALORA_FAST_AUTOTUNE=0: one GEMM config, no autotuning (quick compiles: tests, first GPU checks).
+AUTOTUNE = os.environ.get("ADALORA_FAST_AUTOTUNE", "1") not in ("", "0")
 
 MAX_RANK = 128
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, p):
-    """Keep mask (True = kept) of the dropout elements at ``rows`` x ``cols`` (broadcast 2-D blocks)."""
-    c0 = (cols + rows * 0).to(tl.uint32, bitcast=True)
-    c1 = (rows + cols * 0).to(tl.uint32, bitcast=True)
+def dropout_keep(seed, rows, col_start, p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Keep mask (True = kept) of the dropout elements ``rows`` x ``col_start + arange(BLOCK_C)``.
+
+    One Philox4x32 call per 4 consecutive columns (counters: column // 4, row) and all four of its
+    outputs used, so a mask costs a quarter of a Philox per element. ``col_start`` must be a multiple
+    of 4 (block offsets are); element (row, col) always gets the same bit, whatever the tile shape.
+    """
+    Q: tl.constexpr = BLOCK_C // 4
+    quads = col_start // 4 + tl.arange(0, Q)
+    c0 = (quads[None, :] + rows[:, None] * 0).to(tl.uint32, bitcast=True)
+    c1 = (rows[:, None] + quads[None, :] * 0).to(tl.uint32, bitcast=True)
     zero = c0 * 0
-    r0, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
-    return tl.uint_to_uniform_float(r0) >= p
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_R, BLOCK_C))
+    return tl.uint_to_uniform_float(bits) >= p
 
 
 @triton.jit
@@ -69,3 +80,19 @@ def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' (multi-GPU models)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_seed(seed: torch.Tensor | None, device: torch.device, name: str) -> None:
+    """The dropout seed: one int64 element on the kernels' device."""
+    if seed is None:
+        raise ValueError(f"{name}: dropout_p > 0 needs a seed tensor")
+    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != device:
+        raise ValueError(
+            f"{name}: seed must be one int64 element on {device}, got {seed.dtype} {list(seed.shape)} on "
+            f"{seed.device}"
+        )

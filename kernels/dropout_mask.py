@@ -10,16 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dropout_keep
+from ._common import device_guard, dropout_keep
 
 
 @triton.jit
 def _dropout_mask_kernel(seed_ptr, out_ptr, M, K, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(tl.load(seed_ptr), offs_m[:, None], offs_k[None, :], p_drop)
+    keep = dropout_keep(tl.load(seed_ptr), offs_m, tl.program_id(1) * BLOCK_K, p_drop, BLOCK_M, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
 
 
 def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
@@ -29,5 +29,6 @@ def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
     out = torch.empty(M, K, device=seed.device, dtype=torch.int8)
     if M and K:
         grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
-        _dropout_mask_kernel[grid](seed, out, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
+        with device_guard(out):
+            _dropout_mask_kernel[grid](seed, out, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
     return out.bool()

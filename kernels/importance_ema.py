@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, rank_pad
+from ._common import INTERPRET, device_guard, rank_pad
 
 FLT_MAX = 3.4028234663852886e38
 LAYOUT_COLUMNS = 4  # ema_offset, length, stride_rank, stride_pos
@@ -155,18 +155,26 @@ def importance_scores_(
     if not update:  # a set flag makes the EMA kernel leave the buffers as they are
         nonfinite_flag, numel_table = torch.ones((), dtype=torch.int32, device=ema_ipt.device), None
     check = nonfinite_flag is not None
-    if check and update:
-        if numel_table is None or nonfinite_flag.dtype != torch.int32:
-            raise ValueError("importance_ema: the non-finite check needs numel_table and an int32 flag")
-        _nonfinite_kernel[(3 * M, splits)](g_table, numel_table, nonfinite_flag, SPLITS=splits, BLOCK=1024)
+    if check and update and (numel_table is None or nonfinite_flag.dtype != torch.int32):
+        raise ValueError("importance_ema: the non-finite check needs numel_table and an int32 flag")
+    with device_guard(ema_ipt):
+        _launch(p_table, g_table, layout, ema_ipt, ema_unc, partial, out, numel_table, nonfinite_flag,
+                r, beta1, beta2, M, splits, r_pad, check and update)  # fmt: skip
+    return out
+
+
+def _launch(p_table, g_table, layout, ema_ipt, ema_unc, partial, out, numel_table, flag,
+            r, beta1, beta2, M, splits, r_pad, check_grads) -> None:  # fmt: skip
+    check = flag is not None
+    if check_grads:
+        _nonfinite_kernel[(3 * M, splits)](g_table, numel_table, flag, SPLITS=splits, BLOCK=1024)
     block_l = max(16, min(256, 4096 // r_pad))
     _importance_ema_kernel[(3 * M, splits)](
-        p_table, g_table, layout, ema_ipt, ema_unc, partial, nonfinite_flag if check else partial,
+        p_table, g_table, layout, ema_ipt, ema_unc, partial, flag if check else partial,
         r, beta1, 1 - beta1, beta2, 1 - beta2,
         CHECK_FINITE=check, SPLITS=splits, R_PAD=r_pad, BLOCK_L=block_l, **_launch_options(),
     )  # fmt: skip
     _triplet_kernel[(M,)](partial, layout, out, M, r, SPLITS=splits, R_PAD=r_pad)
-    return out
 
 
 def layout_table(params: list[torch.Tensor], r: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import MAX_RANK
+from ._common import MAX_RANK, check_seed, device_guard
 from .x_at import x_at
 from .xt_s import xt_s
 from .xw_plus_sb import xw_plus_sb
@@ -53,8 +53,9 @@ def svd_linear_fwd(
     fan_in_fan_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, S): the layer output for 2-D x and the saved shrink ``S = drop(x) Q^T`` (fp32)."""
-    s = x_at(x, lora_A, seed=seed, dropout_p=dropout_p)
-    y = xw_plus_sb(x, _w_kn(weight, fan_in_fan_out), bias, s, lora_B.t(), lora_E, ranknum, scaling)
+    with device_guard(x):
+        s = x_at(x, lora_A, seed=seed, dropout_p=dropout_p)
+        y = xw_plus_sb(x, _w_kn(weight, fan_in_fan_out), bias, s, lora_B.t(), lora_E, ranknum, scaling)
     return y, s
 
 
@@ -78,8 +79,9 @@ def svd_linear_infer(
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
     """Forward only, one kernel, nothing saved (no dropout: inference)."""
-    w_kn = _w_kn(weight, fan_in_fan_out)
-    return xw_plus_sb(x, w_kn, bias, None, lora_B.t(), lora_E, ranknum, scaling, a_rk=lora_A)
+    with device_guard(x):
+        w_kn = _w_kn(weight, fan_in_fan_out)
+        return xw_plus_sb(x, w_kn, bias, None, lora_B.t(), lora_E, ranknum, scaling, a_rk=lora_A)
 
 
 @svd_linear_infer.register_fake
@@ -108,6 +110,17 @@ def svd_linear_bwd(
     need_B: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dE, dB); gradients that are not needed come back as empty tensors."""
+    with device_guard(x):
+        return _backward_impl(
+            dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out,
+            need_x, need_A, need_E, need_B,
+        )  # fmt: skip
+
+
+def _backward_impl(
+    dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out,
+    need_x, need_A, need_E, need_B,
+):  # fmt: skip
     dy = dy.to(weight.dtype)
     g = x_at(dy, lora_B.t()) if (need_x or need_A or need_E) else None  # G = dy P, (M, r) fp32
     dx = x.new_empty(0)  # not needed (outputs must not alias each other)
@@ -141,6 +154,7 @@ def _(dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scalin
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_E, lora_B, ranknum, output[1], seed)
+    ctx.mark_non_differentiable(output[1])  # S is saved for the backward, not a result
     ctx.dropout_p, ctx.scaling, ctx.fan_in_fan_out = dropout_p, scaling, fan_in_fan_out
     ctx.has_bias = bias is not None
 
@@ -223,6 +237,8 @@ def svd_linear(
     check_inputs(x, weight, bias, lora_A, lora_E, lora_B, fan_in_fan_out)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"svd_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        check_seed(seed, x.device, "svd_linear")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     params = (x, lora_A, lora_E, lora_B) + ((bias,) if bias is not None else ())

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_RANK, dot_precision, dropout_keep, rank_pad
+from ._common import INTERPRET, MAX_RANK, check_seed, dot_precision, dropout_keep, rank_pad
 
 
 @triton.jit
@@ -26,6 +26,7 @@ def _x_at_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)  # row offsets in int64: M x stride may exceed 2^31
     offs_r = tl.arange(0, R_PAD)
     m_mask = offs_m < M
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -35,7 +36,7 @@ def _x_at_kernel(
         offs_k = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
@@ -46,10 +47,10 @@ def _x_at_kernel(
         )
         x = x.to(a_t.dtype)
         if DROPOUT:
-            keep = dropout_keep(seed, offs_m[:, None], offs_k[None, :], p_drop)
+            keep = dropout_keep(seed, offs_m, k0 * BLOCK_K, p_drop, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0).to(a_t.dtype)
         acc = tl.dot(x, a_t, acc, input_precision=PREC)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out_ptrs, acc, mask=m_mask[:, None] & (offs_r[None, :] < R))
 
 
@@ -77,11 +78,15 @@ def x_at(
     if M == 0 or R == 0:
         return out.zero_()
     dropout = dropout_p > 0.0
-    if dropout and seed is None:
-        raise ValueError("x_at: dropout_p > 0 needs a seed tensor")
+    if dropout:
+        check_seed(seed, x.device, "x_at")
     r_pad = rank_pad(R)
-    block_m = 64 if INTERPRET else (32 if r_pad > 64 else 64)
-    block_k = 64 if INTERPRET else 128
+    if INTERPRET:
+        block_m, block_k, warps = 64, 64, 4
+    elif dot_precision(x.dtype) == "ieee":
+        block_m, block_k, warps = 32, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
+    else:
+        block_m, block_k, warps = (64, 64, 8) if r_pad >= 64 else (64, 128, 4)
     grid = (triton.cdiv(M, block_m),)
     _x_at_kernel[grid](
         x, a, seed if dropout else out, out,
@@ -89,7 +94,7 @@ def x_at(
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         float(dropout_p),
         DROPOUT=dropout, PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=4, num_stages=3,
+        num_warps=warps, num_stages=3,
     )  # fmt: skip
     return out
 

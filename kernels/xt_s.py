@@ -18,6 +18,7 @@ from ._common import (
     INTERPRET,
     MAX_RANK,
     adapter_lambda,
+    check_seed,
     dot_precision,
     dropout_keep,
     rank_pad,
@@ -49,17 +50,17 @@ def _xt_s_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
         s_t = tl.load(
-            s_ptr + offs_r[:, None] * stride_sr + offs_m[None, :] * stride_sm,
+            s_ptr + offs_r[:, None] * stride_sr + offs_m.to(tl.int64)[None, :] * stride_sm,
             mask=r_mask[:, None] & m_mask[None, :],
             other=0.0,
         )
         x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+            x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
             mask=m_mask[:, None] & c_mask[None, :],
             other=0.0,
         ).to(tl.float32)
         if DROPOUT:
-            keep = dropout_keep(seed, offs_m[:, None], offs_c[None, :], p_drop)
+            keep = dropout_keep(seed, offs_m, pid_c * BLOCK_C, p_drop, BLOCK_M, BLOCK_C)
             x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0)
         acc = tl.dot(s_t, x, acc, input_precision=PREC)
     lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling)
@@ -85,13 +86,17 @@ def xt_s(
         raise ValueError(f"xt_s: s must be float32 ({M}, R), got {s.dtype} {tuple(s.shape)}")
     if lora_E.shape[0] != R or R > MAX_RANK:
         raise ValueError(f"xt_s: lora_E {tuple(lora_E.shape)} does not fit R={R} (<= {MAX_RANK})")
-    if dropout_p > 0.0 and seed is None:
-        raise ValueError("xt_s: dropout_p > 0 needs a seed tensor")
+    if dropout_p > 0.0:
+        check_seed(seed, x.device, "xt_s")
     if M == 0 or R == 0 or C == 0:
         return torch.zeros(R, C, device=x.device, dtype=torch.float32)
     r_pad = rank_pad(R)
-    block_c = 64 if INTERPRET else (64 if r_pad > 32 else 128)
-    block_m = 32 if INTERPRET else 64
+    if INTERPRET:
+        block_c, block_m, warps = 64, 32, 4
+    elif dot_precision(x.dtype) == "ieee":
+        block_c, block_m, warps = 64, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
+    else:
+        block_c, block_m, warps = (64 if r_pad > 32 else 128), 64, 4
     c_blocks = triton.cdiv(C, block_c)
     m_blocks = triton.cdiv(M, block_m)
     splits = max(1, min(m_blocks, triton.cdiv(target_programs(x.device), c_blocks)))
@@ -105,6 +110,6 @@ def xt_s(
         partial.stride(0), partial.stride(1), partial.stride(2),
         float(scaling), float(dropout_p),
         DROPOUT=dropout_p > 0.0, PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=block_m,
-        num_warps=4, num_stages=3,
+        num_warps=warps, num_stages=3,
     )  # fmt: skip
     return partial[0] if splits == 1 else partial.sum(0)

@@ -4,11 +4,14 @@ One kernel, two uses in the SVD linear layer (W, B given as views through stride
 - forward: ``y = x W^T + bias + (S diag(lambda*s)) P^T`` with ``S = drop(x) Q^T`` from ``x_at``;
 - backward: ``dx = dy W + drop((G diag(lambda*s)) Q)`` with ``G = dy P``; the dropout mask of the
   input is regenerated here, so the low-rank part of dx goes through it and the base part does not.
-The low-rank term is added to the fp32 accumulator of each output tile before the single store: no
-temporaries of Y's size and no second pass over Y. ``lambda*s`` is read on the device (E and
-ranknum), so no host sync. With ``SHRINK_IN_GEMM`` (inference) S is computed inside the K loop
-from an (R x K) factor instead of read, making the whole layer one launch at an extra R_PAD/BLOCK_N
-of tensor-core work.
+The low-rank term of an output tile (through the dropout mask when there is one) is the initial
+value of the tile's fp32 accumulator; the base GEMM then accumulates on top and the tile is stored
+once: no temporaries of Y's size, no second pass over Y, no second full tile in registers.
+``lambda*s`` is read on the device (E and ranknum), so no host sync. With ``SHRINK_IN_GEMM``
+(inference) S is computed inside the K loop from an (R x K) factor instead of read and added after
+the loop, making the whole layer one launch at an extra R_PAD/BLOCK_N of tensor-core work.
+Autotuned over a few tile shapes on GPUs (configs that cannot fit shared memory or that spill are
+pruned); ``ADALORA_FAST_AUTOTUNE=0`` uses the first config only.
 """
 
 from __future__ import annotations
@@ -17,28 +20,69 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_RANK, adapter_lambda, dot_precision, dropout_keep, rank_pad
+from ._common import (
+    AUTOTUNE,
+    INTERPRET,
+    MAX_RANK,
+    adapter_lambda,
+    check_seed,
+    dot_precision,
+    dropout_keep,
+    rank_pad,
+)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). The first is the single config used without autotuning
+# (no spills for any bf16/fp16 variant up to r = 128, ~131 KB of shared memory on sm_90).
+GPU_CONFIGS = [
+    (128, 128, 64, 4, 8),
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+SMEM_LIMIT = 225 * 1024  # H100/H200 allow 227 KB per block; keep a margin
+
+
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return triton.Config(meta, num_stages=stages, num_warps=warps)
 
 
 def _configs() -> list[triton.Config]:
     if INTERPRET:  # the interpreter cannot autotune over several configs; big tiles = fewer programs
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
-    shapes = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in shapes
-    ]
+    if AUTOTUNE:
+        return [_config(*c) for c in GPU_CONFIGS]
+    return [_config(*GPU_CONFIGS[0])]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R_PAD", "SHRINK_IN_GEMM"])
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs that cannot launch (shared memory) or are known to spill for this variant."""
+    elem = named_args["x_ptr"].element_size()
+    r_pad = kwargs.get("R_PAD", 16)
+    shrink = kwargs.get("SHRINK_IN_GEMM", False)
+    ieee = kwargs.get("MAIN_PREC") == "ieee"
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm * bk + bk * bn) * elem
+        if shrink:
+            smem += c.num_stages * bk * r_pad * 4
+        if smem > SMEM_LIMIT:
+            continue
+        if (ieee or kwargs.get("DROPOUT", False)) and bm * bn > 128 * 128:
+            continue  # fp32 FMA dots and Philox temporaries spill on the largest tiles
+        kept.append(c)
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "N", "K", "R_PAD", "SHRINK_IN_GEMM", "DROPOUT", "HAS_BIAS", "MAIN_PREC"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _xw_plus_sb_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, a_ptr, b_ptr, e_ptr, ranknum_ptr, seed_ptr, out_ptr,
@@ -63,39 +107,41 @@ def _xw_plus_sb_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/cols wrap around (valid addresses, results never stored): no M/N load masks.
-    rows = offs_m % M
+    # Row offsets in int64: M x stride may exceed 2^31.
+    rows = (offs_m % M).to(tl.int64)
     cols = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
+
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SHRINK_IN_GEMM:
+        # Inference: S = x A^T accumulates from the same x tiles as the GEMM (one pass over x); the
+        # low-rank term is added to the accumulator after the loop.
         offs_rp = tl.arange(0, R_PAD)
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_rp[None, :] * stride_ar
         acc_s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k0 * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=MAIN_PREC)
-        if SHRINK_IN_GEMM:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k0 * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=MAIN_PREC)
             a_t = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & (offs_rp[None, :] < R), other=0.0)
             acc_s = tl.dot(x.to(a_t.dtype), a_t, acc_s, input_precision=LOW_PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
             a_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
-    # Low-rank term: (S diag(lambda*s)) B for this tile, in fp32, added to the same accumulator.
-    if SHRINK_IN_GEMM:
         lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_rp, R, scaling)
         b = tl.load(
             b_ptr + offs_rp[:, None] * stride_br + cols[None, :] * stride_bn,
             mask=offs_rp[:, None] < R,
             other=0.0,
         )
-        low = tl.dot((acc_s * lam[None, :]).to(b.dtype), b, input_precision=LOW_PREC)
+        acc = tl.dot((acc_s * lam[None, :]).to(b.dtype), b, acc, input_precision=LOW_PREC)
     else:
-        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # The low-rank term (S diag(lambda*s)) B of this tile first, in fp32, through the dropout
+        # mask: it is the initial value of the GEMM's accumulator (no second tile stays live).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in tl.static_range(0, R_PAD, R_BLOCK):
             offs_r = r0 + tl.arange(0, R_BLOCK)
             r_mask = offs_r < R
@@ -107,15 +153,21 @@ def _xw_plus_sb_kernel(
             )
             b_ptrs = b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn
             b = tl.load(b_ptrs, mask=r_mask[:, None], other=0.0)
-            low = tl.dot((s * lam[None, :]).to(b.dtype), b, low, input_precision=LOW_PREC)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-        keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], p_drop)
-        low = tl.where(keep, low * (1.0 / (1.0 - p_drop)), 0.0)
-    acc += low
+            acc = tl.dot((s * lam[None, :]).to(b.dtype), b, acc, input_precision=LOW_PREC)
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
+            keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, p_drop, BLOCK_M, BLOCK_N)
+            acc = tl.where(keep, acc * (1.0 / (1.0 - p_drop)), 0.0)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k0 * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=MAIN_PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -160,8 +212,8 @@ def xw_plus_sb(
             raise ValueError(f"{name}: the in-GEMM shrink has no dropout (inference only)")
     elif s.shape != (M, R) or s.dtype != torch.float32:
         raise ValueError(f"{name}: s must be float32 of shape ({M}, {R}), got {s.dtype} {tuple(s.shape)}")
-    if dropout_p > 0.0 and seed is None:
-        raise ValueError(f"{name}: dropout_p > 0 needs a seed tensor")
+    if dropout_p > 0.0:
+        check_seed(seed, x.device, name)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
