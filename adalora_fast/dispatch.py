@@ -148,5 +148,13 @@ def _load_svd_linear() -> None:
     register("svd_linear", "triton", svd_linear_triton)
 
 
+def _load_orth_reg() -> None:
+    import adalora_fast.kernels.orth_defect  # noqa: F401  (registers the custom ops)
+
+    from .regularizer import orth_regularization_triton
+
+    register("orth_reg", "triton", orth_regularization_triton)
+
+
 register("svd_linear", "torch", svd_linear_torch)
-_LOADERS: dict[str, Callable[[], None]] = {"svd_linear": _load_svd_linear}
+_LOADERS: dict[str, Callable[[], None]] = {"svd_linear": _load_svd_linear, "orth_reg": _load_orth_reg}

@@ -2,7 +2,8 @@
 
 Layers whose A (or B) have the same shape are stacked and handled by one batched matmul and one
 batched norm, so the number of ATen compute ops depends on the number of distinct shapes (a handful
-per architecture), not on the number of layers.
+per architecture), not on the number of layers. Backend "triton" runs the fused kernels of
+:mod:`adalora_fast.kernels.orth_defect` (2 launches forward, 1 backward, for any number of layers).
 """
 
 from __future__ import annotations
@@ -42,6 +43,32 @@ def orth_regularization_torch(
     norms = [_frobenius_defects(g, True) for g in _group_by_shape(lora_As)]
     norms += [_frobenius_defects(g, False) for g in _group_by_shape(lora_Bs)]
     return torch.cat(norms).sum() / (len(lora_As) + len(lora_Bs))
+
+
+def orth_regularization_triton(
+    lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The fused kernels (:mod:`adalora_fast.kernels.orth_defect`): 2 launches forward, 1 backward.
+
+    Factors the kernels do not take (mixed dtypes or devices, fp64, rank > 128) run the torch path,
+    with a one-time warning. In eager mode the kernels' own checks decide (they run only when the
+    cached pointer table is rebuilt); under ``torch.compile`` the same checks run while tracing.
+    """
+    from .kernels import orth_defect
+
+    if not lora_As:
+        return orth_regularization_torch(lora_As, lora_Bs)  # raises the usual error
+    if torch.compiler.is_compiling():
+        reason = orth_defect.unsupported_reason(lora_As, lora_Bs)
+        if reason is None:
+            return orth_defect.orth_regularization(lora_As, lora_Bs)
+    else:
+        try:
+            return orth_defect.orth_regularization(lora_As, lora_Bs)
+        except orth_defect.UnsupportedInputs as err:
+            reason = str(err).removeprefix("orth_defect: ")
+    dispatch.warn_once(f"fused orth_reg cannot run: {reason}; using the torch path for such calls")
+    return orth_regularization_torch(lora_As, lora_Bs)
 
 
 def orth_regularization(
