@@ -13,7 +13,7 @@ Launches per call, whatever the number of layers:
   ``D / ||D||_F`` (0 where ``||D|| = 0``: PyTorch's norm backward gives a zero gradient there, not
   NaN), r x r fp32 per matrix, saved for the backward; then ``_mean_kernel`` (one program) sums the
   norms in a fixed order and divides by the count (deterministic, no atomics);
-- backward: ``_defect_grad_kernel``, one program per (matrix, tile of L):
+- backward: ``_defect_grad_kernel``, one program per (matrix, tile of L, block of <= 64 ranks):
   ``dX = (2 g / n) (D / ||D||) X``, i.e. ``dA = 2c D A``, ``dB = 2c B D`` (D is symmetric), written
   into ONE flat gradient buffer per call; the autograd backward hands out per-matrix views of it.
 
@@ -28,13 +28,16 @@ that captured a call keeps using the table of that call: do not let more than ``
 other parameter sets evict it.
 
 All matrices must share one dtype (fp32, fp16 or bf16) and device, with r <= ``MAX_RANK``. The value
-comes back in that dtype (computed in fp32), the gradients too. Registered as ``torch.library``
-custom ops with fake implementations and autograd, so ``torch.compile`` sees no graph break.
+comes back in that dtype (computed in fp32), the gradients too; fp32 dots are IEEE. In Triton's
+interpreter bf16 factors are upcast before the dot (its bf16 dot is wrong) and its fp32 -> bf16
+stores truncate, so bf16 results there may differ from a GPU's by one bf16 ulp. A parameter whose
+``.grad`` is stolen from this backward (nothing else adds to it) holds a view of the flat buffer,
+which lives until the last such view is dropped. Registered as ``torch.library`` custom ops with fake
+implementations and autograd, so ``torch.compile`` sees no graph break.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_RANK, dot_precision, rank_pad
+from ._common import INTERPRET, MAX_RANK, device_guard, dot_precision, rank_pad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -108,34 +111,41 @@ def _mean_kernel(norm_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _defect_grad_kernel(
     table_ptr, work_ptr, unit_ptr, g_ptr, out_ptr, R_MAX, coef,
-    DTYPE: tl.constexpr, COLS: tl.constexpr, R_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    DTYPE: tl.constexpr, COLS: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     w = tl.program_id(0).to(tl.int64)
+    r0 = tl.program_id(1).to(tl.int64) * BLOCK_R  # first output row (rank) of this program
     m = tl.load(work_ptr + 2 * w)
-    l0 = tl.load(work_ptr + 2 * w + 1)
     row = table_ptr + m * COLS
-    x_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
     r = tl.load(row + 1)
-    length = tl.load(row + 2)
-    stride_r = tl.load(row + 3)
-    stride_l = tl.load(row + 4)
-    out_off = tl.load(row + 5)
-    out_stride_r = tl.load(row + 6)
-    out_stride_l = tl.load(row + 7)
-    offs_r = tl.arange(0, R_PAD).to(tl.int64)
-    offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-    r_mask = offs_r < r
-    mask = r_mask[:, None] & (offs_l[None, :] < length)
-    x = tl.load(x_ptr + offs_r[:, None] * stride_r + offs_l[None, :] * stride_l, mask=mask, other=0.0)
-    unit = tl.load(
-        unit_ptr + m * R_MAX * R_MAX + offs_r[:, None] * R_MAX + offs_r[None, :],
-        mask=r_mask[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    scale = tl.load(g_ptr).to(tl.float32) * coef
-    grad = tl.dot(unit, x.to(tl.float32), input_precision="ieee") * scale
-    out = out_ptr + out_off + offs_r[:, None] * out_stride_r + offs_l[None, :] * out_stride_l
-    tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    if r0 < r:
+        l0 = tl.load(work_ptr + 2 * w + 1)
+        x_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+        length = tl.load(row + 2)
+        stride_r = tl.load(row + 3)
+        stride_l = tl.load(row + 4)
+        out_off = tl.load(row + 5)
+        out_stride_r = tl.load(row + 6)
+        out_stride_l = tl.load(row + 7)
+        offs_r = tl.arange(0, R_PAD).to(tl.int64)
+        offs_o = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        l_mask = offs_l[None, :] < length
+        x = tl.load(
+            x_ptr + offs_r[:, None] * stride_r + offs_l[None, :] * stride_l,
+            mask=(offs_r[:, None] < r) & l_mask,
+            other=0.0,
+        )
+        unit = tl.load(
+            unit_ptr + m * R_MAX * R_MAX + offs_o[:, None] * R_MAX + offs_r[None, :],
+            mask=(offs_o[:, None] < r) & (offs_r[None, :] < r),
+            other=0.0,
+        )
+        scale = tl.load(g_ptr).to(tl.float32) * coef
+        grad = tl.dot(unit, x.to(tl.float32), input_precision="ieee") * scale
+        out = out_ptr + out_off + offs_o[:, None] * out_stride_r + offs_l[None, :] * out_stride_l
+        tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=(offs_o[:, None] < r) & l_mask)
 
 
 # ---- host side: checks, tables, launches --------------------------------------------------------
@@ -183,11 +193,22 @@ def _r_max(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]) -> 
 
 
 def _block_l(r_pad: int, backward: bool) -> int:
-    """Tile of the long dimension: the interpreter wants few big tiles, a GPU a bounded register tile."""
+    """Tile of the long dimension: the interpreter wants few big tiles, a GPU a bounded register tile.
+
+    The fp32 dots are IEEE (FMA units): the backward's (BLOCK_R x BLOCK_L) product stays at <= 4K
+    elements, the forward's (r_pad x BLOCK_L) tile at <= 4K next to its (r_pad x r_pad) Gram. These
+    compile for sm_90 without spills (checked with ptxas: at most 250 registers, no stack).
+    """
     if INTERPRET:
         return 128
-    base = {16: 128, 32: 128, 64: 64, 128: 32}[r_pad]
-    return 2 * base if backward else base
+    if backward:
+        return {16: 256, 32: 128, 64: 64, 128: 16}[r_pad]
+    return {16: 128, 32: 128, 64: 64, 128: 32}[r_pad]
+
+
+def _block_r(r_pad: int) -> int:
+    """Output rows per backward program: at most 64 (a 128 x 128 fp32 dot operand spills on sm_90)."""
+    return min(r_pad, 64)
 
 
 def _num_warps(r_pad: int) -> int:
@@ -271,10 +292,6 @@ def clear_table_cache() -> None:
     _TABLES.clear()
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 # ---- custom ops ---------------------------------------------------------------------------------
 @torch.library.custom_op("adalora_fast::orth_defect_fwd", mutates_args=())
 def orth_defect_fwd(
@@ -287,7 +304,7 @@ def orth_defect_fwd(
     norms = torch.empty(tab.n, device=device, dtype=torch.float32)
     unit = torch.empty(tab.n, tab.r_max, tab.r_max, device=device, dtype=torch.float32)
     upcast = INTERPRET and dtype == torch.bfloat16
-    with _device_guard(device):
+    with device_guard(lora_As[0]):
         _gram_defect_kernel[(tab.n,)](
             tab.table, unit, norms, tab.r_max,
             DTYPE=_TL_DTYPES[dtype], UPCAST=upcast, PREC=dot_precision(torch.float32 if upcast else dtype),
@@ -316,10 +333,11 @@ def orth_defect_bwd(
     device, dtype = lora_As[0].device, lora_As[0].dtype
     flat = torch.empty(tab.numel, device=device, dtype=dtype)
     if tab.work.shape[0] > 0:
-        with _device_guard(device):
-            _defect_grad_kernel[(tab.work.shape[0],)](
+        with device_guard(lora_As[0]):
+            block_r = _block_r(tab.r_pad)
+            _defect_grad_kernel[(tab.work.shape[0], tab.r_pad // block_r)](
                 tab.table, tab.work, unit, grad, flat, tab.r_max, 2.0 / tab.n,
-                DTYPE=_TL_DTYPES[dtype], COLS=TABLE_COLUMNS, R_PAD=tab.r_pad,
+                DTYPE=_TL_DTYPES[dtype], COLS=TABLE_COLUMNS, R_PAD=tab.r_pad, BLOCK_R=block_r,
                 BLOCK_L=_block_l(tab.r_pad, backward=True), num_warps=_num_warps(tab.r_pad), num_stages=2,
             )  # fmt: skip
         LAUNCHES["_defect_grad_kernel"] += 1
