@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import dispatch
 from .allocator import KINDS, FlatScorer
 from .kernels import importance_ema
 
@@ -181,3 +182,15 @@ class TritonScorer(FlatScorer):
             parts = [state[f"{name}.{kind}.{tag}"].reshape(-1) for kind in KINDS for name in self.names]
             bufs[tag] = torch.cat(parts).to(device=self.flat_E.device, dtype=torch.float32)
         self._flat_ipt, self._flat_unc = bufs["ema_ipt"], bufs["ema_unc"]
+
+
+def make_triton_scorer(
+    layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int
+) -> FlatScorer:
+    """The "triton" allocator backend: a TritonScorer, or the torch scorer (warned once) when the
+    kernels do not take these adapters."""
+    reason = TritonScorer.unsupported(layers)
+    if reason is not None:
+        dispatch.warn_once(f"Triton allocator cannot score {reason}; using the torch scorer")
+        return FlatScorer(layers, beta1, beta2, target_r)
+    return TritonScorer(layers, beta1, beta2, target_r)

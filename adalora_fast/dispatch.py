@@ -30,6 +30,10 @@ _LOAD_ERRORS: dict[str, str] = {}
 
 
 def warn_once(message: str, stacklevel: int = 3) -> None:
+    # Inside torch.compile tracing a warnings.warn call is a graph break (an error under
+    # fullgraph=True); the eager warm-up or first eager call already warned.
+    if torch.compiler.is_compiling():
+        return
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=stacklevel)
@@ -157,4 +161,14 @@ def _load_orth_reg() -> None:
 
 
 register("svd_linear", "torch", svd_linear_torch)
-_LOADERS: dict[str, Callable[[], None]] = {"svd_linear": _load_svd_linear, "orth_reg": _load_orth_reg}
+def _load_allocator() -> None:
+    from .allocator_triton import make_triton_scorer
+
+    register("allocator", "triton", make_triton_scorer)
+
+
+_LOADERS: dict[str, Callable[[], None]] = {
+    "svd_linear": _load_svd_linear,
+    "orth_reg": _load_orth_reg,
+    "allocator": _load_allocator,
+}
