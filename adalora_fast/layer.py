@@ -13,6 +13,18 @@ from transformers.pytorch_utils import Conv1D
 from . import dispatch
 from .reference import delta_weight
 
+# The dimension that indexes the ranks in each adapter parameter.
+RANK_DIMS = (("lora_A", 0), ("lora_E", 0), ("lora_B", 1))
+
+
+def expand_pattern(loaded: list[bool] | None, local: list[bool], init_r: int) -> list[bool]:
+    """A layer's pattern over init_r ranks: ``local`` covers the ranks the layer holds now, which are
+    the True positions of ``loaded`` when the layer was loaded pruned (or compacted)."""
+    if loaded is None:
+        return list(local) + [False] * (init_r - len(local))
+    it = iter(local)
+    return [bool(next(it)) if kept else False for kept in loaded]
+
 
 def base_features(base: nn.Module) -> tuple[int, int, bool]:
     """(d_in, d_out, fan_in_fan_out) of a supported base layer."""
@@ -90,6 +102,27 @@ class SVDLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=dev, dtype=dtype))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
+
+    @torch.no_grad()
+    def select_ranks_(self, index: torch.Tensor) -> None:
+        """Keep only the ranks ``index`` (1-D int64, increasing) of A, E, B, in place: the same
+        ``nn.Parameter`` objects get sliced ``.data`` (and ``.grad`` when present), so optimizers and
+        hooks that hold them keep working. ``ranknum`` stays ``init_r`` (the scale does not change).
+        Slicing an optimizer's state is the caller's job (:func:`adalora_fast.compaction.compact_layers_`).
+        """
+        for kind, dim in RANK_DIMS:
+            p = getattr(self, kind)
+            grad = p.grad
+            p.grad = None
+            new = p.data.index_select(dim, index.to(p.device))
+            # The parameter's cached gradient accumulator (alive while an old graph references it)
+            # remembers the old shape; PyTorch drops it only when .data changes dtype or device, so
+            # pass through another dtype first (nothing is copied).
+            p.data = new.new_empty(0, dtype=torch.float64 if new.dtype != torch.float64 else torch.float32)
+            p.data = new
+            if grad is not None:
+                p.grad = grad.index_select(dim, index.to(grad.device))
+        self.r = int(index.numel())
 
     def get_delta_weight(self) -> torch.Tensor:
         """dW in the base weight's layout (transposed for Conv1D), in the adapter dtype."""
