@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import dispatch
+from .compaction import compact_layers_
+from .layer import expand_pattern
 from .reference import ReferenceRankAllocator, budget_schedule, grads_finite, kth_smallest
 
 if TYPE_CHECKING:
@@ -332,16 +334,23 @@ dispatch.register("allocator", "torch", FlatScorer)
 
 class RankAllocator:
     """PEFT's AdaLoRA schedule on top of a scorer. Call :meth:`update_and_allocate` after
-    ``optimizer.step()`` and before ``zero_grad()`` with the 0-based optimizer step."""
+    ``optimizer.step()`` and before ``zero_grad()`` with the 0-based optimizer step.
+
+    With ``config.compact_after_final`` the layers are compacted (:meth:`compact`) as soon as the final
+    pattern is recorded; the scorer is then replaced by a bookkeeping-only reference scorer whose keep
+    masks are all True (the pattern is applied by construction), and later steps do nothing."""
 
     def __init__(self, layers: Sequence[tuple[str, SVDLinear]], config: AdaLoraConfig, backend: str = "auto"):
         self.config = config
+        self.layers = list(layers)
         self.names = [n for n, _ in layers]
         self.scorer = make_scorer(layers, config, backend)
+        self._init_bgt, self._target_bgt = self.scorer.init_bgt, self.scorer.target_bgt
         self.last_step: int | None = None
         self.budget: int = self.scorer.init_bgt
         self.masked = False  # a mask step has happened: the keep pattern is meaningful
         self.finalized = False  # the final pattern is recorded (step >= T - tfinal)
+        self.compacted = False  # the layers hold only their kept ranks (compact())
 
     @property
     def nonfinite_steps(self) -> torch.Tensor:
@@ -357,11 +366,11 @@ class RankAllocator:
 
     @property
     def init_bgt(self) -> int:
-        return self.scorer.init_bgt
+        return self._init_bgt
 
     @property
     def target_bgt(self) -> int:
-        return self.scorer.target_bgt
+        return self._target_bgt
 
     def schedule(self, step: int) -> tuple[int, bool]:
         cfg = self.config
@@ -375,12 +384,17 @@ class RankAllocator:
             deltaT=cfg.deltaT,
         )
 
-    def update_and_allocate(self, step: int) -> int:
+    def update_and_allocate(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Update scores and masks for ``step``; returns the budget of that step (a Python int).
 
         Steps with inf/NaN in any adapter gradient (fp16 steps that GradScaler skips) leave the
         scores untouched (see ``nonfinite_steps``); a mask step among them masks with the previous
-        scores. No host sync on any step."""
+        scores. No host sync on any step, except the one step that compacts.
+
+        ``optimizer`` is needed (and only used) when ``config.compact_after_final`` is set and this
+        call compacts the layers (the first call with ``step >= total_step - tfinal``): its state is
+        sliced with the parameters. Passing it on every call is fine.
+        """
         cfg = self.config
         if cfg.total_step is None:
             raise ValueError(
@@ -388,6 +402,17 @@ class RankAllocator:
                 "before update_and_allocate"
             )
         final_step = cfg.total_step - cfg.tfinal
+        if self.compacted:
+            if step < final_step:
+                raise RuntimeError(
+                    f"update_and_allocate({step}): the layers were compacted to the final rank pattern, "
+                    f"which only steps >= total_step - tfinal = {final_step} may follow"
+                )
+            # The pattern is applied by construction: nothing to score, nothing to re-mask.
+            self.finalized = True
+            self.last_step = step
+            self.budget = self.target_bgt
+            return self.budget
         if step < final_step:
             self.scorer.update_scores()
             budget, mask = self.schedule(step)
@@ -395,6 +420,7 @@ class RankAllocator:
                 self.scorer.mask_to_budget(budget)
                 self.masked = True
         elif step == final_step:
+            self._require_optimizer(step, final_step, optimizer)
             # One forced mask at the target budget with the last scores; the pattern is then fixed.
             self.scorer.mask_to_budget(self.target_bgt)
             self.scorer.free_scores()
@@ -405,21 +431,69 @@ class RankAllocator:
                 raise RuntimeError(
                     f"step {step} is past total_step - tfinal = {final_step} but no rank pattern was recorded"
                 )
+            self._require_optimizer(step, final_step, optimizer)
             # As PEFT: past the final step, the last recorded pattern is re-applied every step.
             self.scorer.free_scores()
             self.finalized = True
             self.scorer.apply_keep()
             budget = self.target_bgt
+        if cfg.compact_after_final and self.finalized:
+            self.compact(optimizer)
         self.last_step = step
         self.budget = budget
         return budget
 
+    def _require_optimizer(self, step: int, final_step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.config.compact_after_final and optimizer is None:
+            raise ValueError(
+                f"compact_after_final=True: update_and_allocate({step}) compacts the layers to the final "
+                f"rank pattern (step >= total_step - tfinal = {final_step}) and needs the optimizer to "
+                "slice its state: call update_and_allocate(step, optimizer=opt)"
+            )
+
+    def compact(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Shrink every layer to its kept ranks, in place, slicing ``optimizer``'s per-parameter state
+        (:func:`~adalora_fast.compaction.compact_layers_`). Returns whether anything was compacted:
+        False before the first mask step (nothing is masked) and when already compacted. Raises
+        ``RuntimeError`` while the pattern can still change (a mask step happened but the final
+        pattern is not recorded yet): masked ranks may revive in the budget phase. One host sync (the
+        pattern decides the shapes).
+        """
+        if self.compacted or not self.masked:
+            return False
+        if not self.finalized:
+            cfg = self.config
+            final = None if cfg.total_step is None else cfg.total_step - cfg.tfinal
+            raise RuntimeError(
+                f"compact() before the final rank pattern is recorded (last step {self.last_step}, final "
+                f"step total_step - tfinal = {final}): masked ranks may still revive in the budget phase. "
+                "Compact after update_and_allocate(total_step - tfinal), or save_pretrained and load with "
+                "is_trainable=False for a pruned inference model"
+            )
+        keep = {n: k.cpu().tolist() for n, k in self.scorer.keep_by_layer().items()}
+        compact_layers_(self.layers, keep, optimizer)
+        self.mark_compacted()
+        return True
+
+    def mark_compacted(self) -> None:
+        """Record that the layers hold only their kept ranks: the scorer becomes a bookkeeping-only
+        reference scorer (layers may now differ in rank) with every rank kept."""
+        counter = self.scorer.nonfinite_steps
+        cfg = self.config
+        self.scorer = ReferenceScorer(self.layers, cfg.beta1, cfg.beta2, cfg.target_r)
+        self.scorer.nonfinite_steps = counter
+        self.masked = self.finalized = self.compacted = True
+
     def rank_pattern(self) -> dict[str, list[bool]] | None:
-        """The keep pattern of the last mask step (host lists), or None before any mask step."""
+        """The keep pattern of the last mask step over init_r ranks (host lists), or None before any
+        mask step."""
         if not self.masked:
             return None
         keep = self.scorer.keep_by_layer()
-        return {n: keep[n].cpu().tolist() for n in self.names}
+        return {
+            n: expand_pattern(getattr(m, "loaded_pattern", None), keep[n].cpu().tolist(), m.init_r)
+            for n, m in self.layers
+        }
 
     def keep_mask(self) -> dict[str, torch.Tensor]:
         return self.scorer.keep_by_layer()

@@ -5,10 +5,11 @@ Files in a checkpoint directory:
 * ``adapter_config.json``: PEFT's AdaLoraConfig fields, ``rank_pattern`` as ``{module.lora_E: [bool]}``.
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A|lora_E|lora_B``, pruned to the
   kept ranks (PEFT loads this directory as is).
-* ``adalora_training_state.safetensors``: what the PEFT format drops: the full (unpruned) A, E, B,
-  the score EMAs, the keep masks, the count of score steps skipped for non-finite gradients, and
-  the allocator's step and flags (metadata). Only trainable models write it;
-  ``from_pretrained(..., is_trainable=True)`` uses it to resume.
+* ``adalora_training_state.safetensors``: what the PEFT format drops: the full (unpruned) A, E, B
+  (as the layers hold them: compacted layers hold only their kept ranks), the score EMAs, the keep
+  masks, the count of score steps skipped for non-finite gradients, and the allocator's step and
+  flags and ``compact_after_final`` (metadata). Only trainable models write it;
+  ``from_pretrained(..., is_trainable=True)`` uses it to resume (also a compacted model).
 
 Every file is written to a temporary name and renamed into place.
 """
@@ -127,6 +128,8 @@ def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
         "budget": alloc.budget,
         "masked": alloc.masked,
         "finalized": alloc.finalized,
+        "compacted": alloc.compacted,
+        "compact_after_final": model.adalora_config.compact_after_final,
         "loaded_patterns": {n: getattr(layer, "loaded_pattern", None) for n, layer in layers},
         "weights_sha256": _file_digest(out / WEIGHTS_NAME),
     }
@@ -231,6 +234,8 @@ def load_pretrained(
             use_state = False
         else:
             state = load_file(str(state_path))
+            # Our own config field, kept out of PEFT's adapter_config.json (absent in older files).
+            config.compact_after_final = bool(meta.get("compact_after_final", config.compact_after_final))
 
     targets = find_target_modules(model, config.target_modules, config.exclude_modules)
     in_ckpt = _module_names_in(weights, root)
@@ -294,6 +299,8 @@ def load_pretrained(
     wrapped.build_allocator()
     alloc = wrapped.rank_allocator
     if use_state:
+        if meta.get("compacted", False):
+            alloc.mark_compacted()  # the layers were resized to the compacted ranks above
         scores = {k[len("scores.") :]: v for k, v in state.items() if k.startswith("scores.")}
         alloc.scorer.load_layer_state(scores)
         alloc.scorer.set_keep({n: state[f"keep.{n}"] for n in targets})

@@ -9,7 +9,7 @@ from torch import nn
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
-from .layer import SVDLinear
+from .layer import SVDLinear, expand_pattern
 from .regularizer import orth_regularization
 from .targets import find_target_modules
 
@@ -97,12 +97,47 @@ class AdaLoraModel(nn.Module):
     def set_total_step(self, total_step: int) -> None:
         self.adalora_config.set_total_step(total_step)
 
-    def update_and_allocate(self, global_step: int) -> int:
+    def update_and_allocate(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Update importance scores and rank masks; call after ``optimizer.step()``, before
-        ``zero_grad()``, with the 0-based step. Returns the rank budget of that step."""
+        ``zero_grad()``, with the 0-based step. Returns the rank budget of that step.
+
+        Steps whose adapter gradients hold inf/NaN (fp16 steps that GradScaler skips) do not update
+        the scores (see :meth:`nonfinite_score_steps`). With ``compact_after_final=True`` the call that
+        fixes the final pattern (step ``total_step - tfinal``) also compacts the layers
+        (:meth:`compact`) and needs ``optimizer`` to slice its state; pass it on every call."""
         if self.rank_allocator is None:
             raise RuntimeError("this AdaLoraModel was loaded for inference (is_trainable=False)")
-        return self.rank_allocator.update_and_allocate(global_step)
+        return self.rank_allocator.update_and_allocate(global_step, optimizer=optimizer)
+
+    def compact(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Drop the masked ranks physically from every layer (rank 0 allowed), in place.
+
+        A, E, B of each layer keep being the same ``nn.Parameter`` objects with sliced ``.data`` (and
+        ``.grad``); ``optimizer``'s per-parameter state (AdamW's ``exp_avg``/``exp_avg_sq``, any state
+        tensor with the parameter's shape) is sliced to match, scalar state (``step``) is left alone.
+        Outputs do not change, the adapter parameter count shrinks to the kept budget, ``ranknum``
+        stays ``init_r``, :attr:`rank_pattern` still reports the init_r-long pattern, and
+        :meth:`save_pretrained` writes the same PEFT checkpoint as the soft-masked model.
+
+        Allowed once the final pattern is recorded (``update_and_allocate(total_step - tfinal)``);
+        before any mask step, on an already compacted model, or on a model loaded for inference
+        (whose layers already hold only their kept ranks) it does nothing. Returns whether it
+        compacted. While the pattern can still change (budget phase) it raises ``RuntimeError``.
+
+        With ``orth_reg_weight > 0`` the regulariser afterwards sees only the kept ranks; under soft
+        masking the masked rows of A and columns of B keep entering it (and being trained by it), so
+        the two trainings then differ by that term. With ``orth_reg_weight == 0`` (and no global
+        gradient-norm clipping, whose norm includes the masked E gradients under soft masking)
+        training after compaction equals soft masking to fp32 rounding.
+        """
+        if self.rank_allocator is None:
+            return False
+        return self.rank_allocator.compact(optimizer)
+
+    @property
+    def compacted(self) -> bool:
+        """Whether the layers were compacted to the final rank pattern (:meth:`compact`)."""
+        return self.rank_allocator is not None and self.rank_allocator.compacted
 
     def nonfinite_score_steps(self) -> int:
         """How many score updates were skipped because an adapter gradient held inf or NaN (fp16 steps
@@ -153,15 +188,6 @@ class AdaLoraModel(nn.Module):
         self.adapted_names = []
         self.rank_allocator = None
         return self.model
-
-
-def expand_pattern(loaded: list[bool] | None, local: list[bool], init_r: int) -> list[bool]:
-    """A layer's pattern over init_r ranks: ``local`` covers the ranks the layer holds now, which are
-    the True positions of ``loaded`` when the layer was loaded pruned."""
-    if loaded is None:
-        return list(local) + [False] * (init_r - len(local))
-    it = iter(local)
-    return [bool(next(it)) if kept else False for kept in loaded]
 
 
 def get_adalora_model(model: nn.Module, config: AdaLoraConfig) -> AdaLoraModel:
