@@ -12,6 +12,11 @@ and delegates the tensor work to a scorer:
   have different ranks (a pruned PEFT checkpoint loaded for training).
 
 Both keep their state in the same per-layer format for checkpoints, so either can resume the other.
+
+Both skip the score update of a step whose adapter gradients hold inf/NaN (decided on the device,
+counted in ``nonfinite_steps``; subclasses reuse ``FlatScorer._grads_finite``). Once the final
+pattern is fixed, :meth:`RankAllocator.compact` (or ``compact_after_final``) shrinks the layers to
+their kept ranks; the scorer is then a bookkeeping-only :class:`ReferenceScorer`.
 """
 
 from __future__ import annotations
