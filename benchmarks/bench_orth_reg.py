@@ -10,7 +10,7 @@ random non-zero values (PEFT's init: N(0, 0.02)). Providers, all on the same ten
 * ``torch``: the regulariser's torch path (``regularizer.orth_regularization_torch``: layers grouped
   by shape, one batched matmul and norm per group);
 * ``peft``: PEFT 0.21's regulariser as ``AdaLoraModel.forward`` computes it: its loop over
-  ``named_parameters()`` (lora_E, lora_A, lora_B per module, in PEFT's registration order), one
+  ``named_parameters()`` (lora_A, lora_B, lora_E per module, PEFT's order), one
   matmul, eye, subtraction and norm per factor, reproduced on the same tensors (the DeepSpeed branch
   for zero-size parameters is not taken here).
 
@@ -31,7 +31,6 @@ The ATen ops (views excluded) and Triton launches of one call of each provider a
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import traceback
@@ -43,12 +42,16 @@ from typing import Any
 import pytest
 import torch
 from harness import (
-    LLAMA_PROJ,
+    PEFT_ADAPTER,
     RESULTS_DIR,
     append_rows,
     describe_environment,
+    force_compiled_triton,
     free_memory,
     gpu_median_ms,
+    make_adapters,
+    max_rel_err,
+    op_counts,
     time_cpu_interleaved,
 )
 from torch import nn
@@ -62,47 +65,10 @@ CPU_MODEL = {"layers": 32, "d": 512, "d_ff": 1376, "r": 12}
 GPU_CSV, CPU_CSV = "gpu_orth_reg.csv", "cpu_orth_reg.csv"
 TOL = 1e-4
 SEED = 0
-ADAPTER = "default"
-VIEW_OPS = {
-    "aten::alias", "aten::as_strided", "aten::detach", "aten::expand", "aten::narrow", "aten::reshape",
-    "aten::_reshape_alias", "aten::select", "aten::slice", "aten::split", "aten::split_with_sizes",
-    "aten::squeeze", "aten::t", "aten::transpose", "aten::unsqueeze", "aten::view", "aten::_unsafe_view",
-    "aten::lift_fresh", "aten::numpy_T", "aten::unflatten_dense_tensors",
-}  # fmt: skip
+ADAPTER = PEFT_ADAPTER
 
 
-# ---- adapters -----------------------------------------------------------------------------------
-def projection_shapes(d: int, d_ff: int) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each Llama projection."""
-    return {
-        "q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
-        "gate_proj": (d, d_ff), "up_proj": (d, d_ff), "down_proj": (d_ff, d),
-    }  # fmt: skip
-
-
-def make_adapters(
-    layers: int, d: int, d_ff: int, r: int, device: str | torch.device, dtype: torch.dtype = torch.float32
-) -> list[tuple[str, nn.Parameter]]:
-    """PEFT-named adapter parameters ``[(name, p)]`` in ``named_parameters()`` order, no base weights.
-
-    Per module: lora_E (r x 1), lora_A (r x d_in), lora_B (d_out x r), as PEFT's AdaLoraLayer
-    registers them; A and B ~ N(0, 0.02) (PEFT's init), E ~ N(0, 1) (not used by the regulariser).
-    """
-    g = torch.Generator(device=device).manual_seed(SEED)
-    shapes = projection_shapes(d, d_ff)
-    named = []
-    for i in range(layers):
-        for proj in LLAMA_PROJ:
-            d_in, d_out = shapes[proj]
-            block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{i}.{block}.{proj}"
-            kinds = (("lora_E", (r, 1), 1.0), ("lora_A", (r, d_in), 0.02), ("lora_B", (d_out, r), 0.02))
-            for kind, shape, std in kinds:
-                t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std
-                named.append((f"{prefix}.{kind}.{ADAPTER}", nn.Parameter(t.to(dtype))))
-    return named
-
-
+# ---- adapters (harness.make_adapters: PEFT-named, no base weights) ------------------------------
 def factors(named: Sequence[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(lora_As, lora_Bs) in layer order."""
     As = [p for n, p in named if ".lora_A." in n]
@@ -181,14 +147,6 @@ def value_and_grads(fn: Callable[[], torch.Tensor], params: Sequence[torch.Tenso
     return out
 
 
-def max_rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-    """``max |a - b| / max |b|`` in fp32 (inf when a is missing or shapes differ; NaN propagates)."""
-    if a is None or b is None or a.shape != b.shape:
-        return float("inf")
-    a, b = a.detach().float(), b.detach().float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def check(
     candidate: Callable[[], torch.Tensor],
     reference: Callable[[], torch.Tensor],
@@ -203,16 +161,12 @@ def check(
     return ok, value_err, grad_err
 
 
-def op_counts(step: Callable[[], None]) -> tuple[int, int]:
+def call_counts(step: Callable[[], None]) -> tuple[int, int]:
     """(ATen ops other than views, Triton launches of the fused kernels) of one ``step()``."""
-    from torch.profiler import ProfilerActivity, profile
-
     launches = Counter()
     if "adalora_fast.kernels.orth_defect" in sys.modules:
         launches = Counter(sys.modules["adalora_fast.kernels.orth_defect"].LAUNCHES)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    aten = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS)
+    aten, _ = op_counts(step)
     after = Counter()
     if "adalora_fast.kernels.orth_defect" in sys.modules:
         after = Counter(sys.modules["adalora_fast.kernels.orth_defect"].LAUNCHES)
@@ -246,7 +200,7 @@ def checked_providers(
                 if not ok:
                     raise RuntimeError(f"value {value_err:.1e} / grads {grad_err:.1e} > tol {TOL:g}")
             steps[provider] = step_fn(fn, params)
-            aten, launches = op_counts(steps[provider])
+            aten, launches = call_counts(steps[provider])
             print(f"ops {provider}: {aten} ATen ops (views excluded) + {launches} Triton launches per call")
         except Exception as err:
             failures.append(f"{provider}: {type(err).__name__}: {err}")
@@ -268,7 +222,7 @@ def summary(ms: dict[str, float]) -> None:
 def run_gpu(providers: Sequence[str], csv_path: Path | None, warmup: int, rep: int) -> list[str]:
     failures: list[str] = []
     m = GPU_MODEL
-    named = make_adapters(m["layers"], m["d"], m["d_ff"], m["r"], "cuda")
+    named = make_adapters(m["layers"], m["d"], m["d_ff"], m["r"], "cuda", seed=SEED)
     print(
         f"adapters: {len(named) // 3} adapted layers, {sum(p.numel() for _, p in named) / 1e6:.1f}M elements"
     )
@@ -294,7 +248,7 @@ def run_cpu(providers: Sequence[str], csv_path: Path | None, iters: int) -> list
     if skipped:
         print(f"note: {skipped} skipped on the CPU (the fused kernels would run in Triton's interpreter)")
     m = CPU_MODEL
-    named = make_adapters(m["layers"], m["d"], m["d_ff"], m["r"], "cpu")
+    named = make_adapters(m["layers"], m["d"], m["d_ff"], m["r"], "cpu", seed=SEED)
     steps = checked_providers(named, [p for p in CPU_PROVIDERS if p in providers], failures)
     if not steps:
         return failures
@@ -312,7 +266,7 @@ def run_cpu(providers: Sequence[str], csv_path: Path | None, iters: int) -> list
 @pytest.fixture(scope="module")
 def cpu_adapters() -> list[tuple[str, nn.Parameter]]:
     m = CPU_MODEL
-    return make_adapters(m["layers"], m["d"], m["d_ff"], m["r"], "cpu")
+    return make_adapters(m["layers"], m["d"], m["d_ff"], m["r"], "cpu", seed=SEED)
 
 
 @pytest.mark.parametrize("provider", CPU_PROVIDERS)
@@ -349,16 +303,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _force_compiled_triton() -> None:
-    """On CUDA the kernels must be compiled, not interpreted (tests/conftest.py defaults to 1)."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return
-    if "adalora_fast.kernels._common" in sys.modules:
-        raise SystemExit("TRITON_INTERPRET is set and the kernels are already imported: rerun with 0")
-    print("warning: TRITON_INTERPRET was set; setting it to 0 for the CUDA run", file=sys.stderr)
-    os.environ["TRITON_INTERPRET"] = "0"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -368,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = None if args.no_csv else out_dir / (GPU_CSV if cuda else CPU_CSV)
     print(f"# {OP} benchmark ({MODE})\n\n{describe_environment()}\n", flush=True)
     if cuda:
-        _force_compiled_triton()
+        force_compiled_triton()
         print(f"GPU model {GPU_MODEL}, fp32, do_bench median (warmup {args.warmup} ms, rep {args.rep} ms)\n")
         failures = run_gpu(args.providers, csv_path, args.warmup, args.rep)
     else:

@@ -33,8 +33,6 @@ logged to stderr, the run goes on, and the exit code is 1 at the end.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import sys
 import traceback
@@ -51,11 +49,13 @@ from harness import (
     append_rows,
     describe_environment,
     fmt_overhead,
+    force_compiled_triton,
     free_memory,
     frozen_linear,
     layer_inputs,
     layer_step,
     overhead_pct,
+    sigterm_as_interrupt,
     time_layer_gpu,
     time_layers_cpu,
 )
@@ -521,25 +521,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _force_compiled_triton() -> None:
-    """On CUDA the kernels must be compiled, not interpreted (tests/conftest.py defaults to 1)."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return
-    if "adalora_fast.kernels._common" in sys.modules:
-        raise SystemExit("TRITON_INTERPRET is set and the kernels are already imported: rerun with 0")
-    print("warning: TRITON_INTERPRET was set; setting it to 0 for the CUDA run", file=sys.stderr)
-    os.environ["TRITON_INTERPRET"] = "0"
-
-
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # `timeout` sends SIGTERM: stop like Ctrl-C, so the rows measured so far are flushed and the
     # goal line is printed (KeyboardInterrupt is not caught by the per-measurement guards).
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    sigterm_as_interrupt()
     cuda = torch.cuda.is_available()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -549,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {OP} benchmark\n\n{describe_environment()}\n", flush=True)
     try:
         if cuda:
-            _force_compiled_triton()
+            force_compiled_triton()
             if args.quick:
                 shapes, tokens, ranks = [(GOAL["d_in"], GOAL["d_out"])], [GOAL["tokens"]], [GOAL["r"]]
             else:

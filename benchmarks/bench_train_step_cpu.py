@@ -4,13 +4,14 @@ One step = forward with labels (loss + orthogonal regulariser), backward, AdamW 
 ``update_and_allocate(step)``, ``zero_grad``. The schedule (tinit = tfinal = 0, total_step = 10**6)
 keeps every timed step a mask step of the budget phase; the step counter advances on every call.
 
-Also timed:
+Also timed, ``frozen``: the base model alone, as floors: forward under no_grad (mode ``fwd``) and
+forward + backward through the activations only (mode ``fwd+bwd``: ``inputs_embeds`` requires grad,
+every weight is frozen), which is what any adapter's training step has to pay at least.
 
-* ``frozen``: the base model alone, as floors: forward under no_grad (mode ``fwd``) and forward +
-  backward through the activations only (mode ``fwd+bwd``: ``inputs_embeds`` requires grad, every
-  weight is frozen), which is what any adapter's training step has to pay at least.
-* ``update_and_allocate`` alone at 32 layers x 7 projections, hidden 512, init_r 12 (the "torch
-  backend >= 3x faster than PEFT" goal), re-using one set of gradients on every call.
+``update_and_allocate`` alone (32 layers x 7 projections at d = 512, the "torch backend >= 3x faster
+than PEFT" goal) is benchmarked by ``benchmarks/bench_allocator.py`` (rows in ``cpu_allocator.csv``);
+the ``update_and_allocate`` rows already in ``cpu_train_step.csv`` came from an earlier version of this
+file (a real Llama model, MLP 512 -> 1024, gradients of one training step).
 
 Run as ``pytest benchmarks/bench_train_step_cpu.py --benchmark-only`` or as a script,
 ``python benchmarks/bench_train_step_cpu.py``, which prints a markdown table (with ours/peft ratios)
@@ -21,7 +22,6 @@ is printed with the results.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -37,9 +37,6 @@ TOTAL_STEP = 10**6
 BATCH, SEQ = 2, 64
 # The training-step model: Llama-style, 8 layers, hidden 256, intermediate 512, vocab 512.
 TRAIN_SHAPE = {"layers": 8, "hidden": 256, "intermediate": 512, "vocab": 512}
-# The allocator-only model: 32 layers x 7 projections at d = 512 (vocab kept tiny: it is not adapted).
-UA_LAYERS = int(os.environ.get("ADALORA_BENCH_UA_LAYERS", "32"))
-UA_SHAPE = {"layers": UA_LAYERS, "hidden": 512, "intermediate": 1024, "vocab": 64}
 CSV_NAME = "cpu_train_step.csv"
 SEED = 0
 LOSS_LOG = 16  # losses kept per run for the parity smoke check
@@ -141,37 +138,12 @@ class FrozenForwardBackward:
         out.loss.backward()
 
 
-class AllocateOnly:
-    """``update_and_allocate(step)`` alone, re-using one set of (non-zero) gradients on every call."""
-
-    def __init__(self, provider: str, shape: dict[str, int], seed: int = SEED) -> None:
-        self.provider = provider
-        base = tiny_llama(**shape, seed=seed)
-        self.model, self.update_and_allocate = wrap(base, provider, seed + 1)
-        self.model.train()
-        self.n_adapted = count_adapted(self.model)
-        ids = input_ids(shape["vocab"])
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # One optimizer step first: E starts at 0, which would make every A/B gradient and every score 0.
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        self.model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.model(input_ids=ids, labels=ids).loss.backward()
-        self.step = 1
-
-    def __call__(self) -> None:
-        self.update_and_allocate(self.step)
-        self.step += 1
-
-
 def shape_label(shape: dict[str, int]) -> str:
     return f"{shape['layers']}L h{shape['hidden']} i{shape['intermediate']} v{shape['vocab']}"
 
 
 # ---- pytest-benchmark ---------------------------------------------------------------------------
 TRAIN_GROUP = f"train_step {shape_label(TRAIN_SHAPE)} b{BATCH}x{SEQ} fp32 (CPU)"
-UA_GROUP = f"update_and_allocate {UA_SHAPE['layers']}L x 7 proj d512 r{INIT_R} (CPU)"
 
 
 def _pedantic(benchmark: Any, fn: Callable[[], None], rounds: int, warmup: int) -> None:
@@ -202,16 +174,6 @@ def test_train_step_frozen_fwd_bwd(benchmark: Any) -> None:
     _pedantic(benchmark, FrozenForwardBackward(TRAIN_SHAPE), rounds=15, warmup=3)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_update_and_allocate(benchmark: Any, provider: str) -> None:
-    pytest.importorskip(provider)
-    benchmark.group = UA_GROUP
-    fn = AllocateOnly(provider, UA_SHAPE)
-    assert fn.n_adapted == 7 * UA_SHAPE["layers"]
-    benchmark.extra_info.update(provider=provider, mode="mask_step")
-    _pedantic(benchmark, fn, rounds=10, warmup=2)
-
-
 # ---- script mode --------------------------------------------------------------------------------
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
@@ -221,12 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20, help="timed calls per measurement (median)")
-    parser.add_argument("--ua-iters", type=int, default=10)
-    parser.add_argument("--ua-layers", type=int, default=UA_SHAPE["layers"])
-    parser.add_argument("--skip-ua", action="store_true", help="skip the update_and_allocate timings")
     parser.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results/")
     args = parser.parse_args(argv)
-    ua_shape = dict(UA_SHAPE, layers=args.ua_layers)
 
     print(f"# CPU training-step benchmark\n\n{describe_environment()}\n", flush=True)
     tokens = BATCH * SEQ
@@ -263,12 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         provider, mode = key.split("/")
         extra = {"r": INIT_R} if provider != "frozen" else {}
         record("train_step", mode, provider, TRAIN_SHAPE, ts, tokens=tokens, **extra)
-    if not args.skip_ua:
-        ua_fns = {p: AllocateOnly(p, ua_shape) for p in PROVIDERS}
-        times = time_cpu_interleaved(ua_fns, warmup=2, iters=args.ua_iters)
-        for provider, ts in times.items():
-            record("update_and_allocate", "mask_step", provider, ua_shape, ts, r=INIT_R)
-        del ua_fns
 
     # Parity smoke check: identical models, data and schedule, so the losses should agree.
     ours, peer = steps["adalora_fast"].losses, steps["peft"].losses
@@ -296,13 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['op']} | {r['mode']} | {r['provider']} | {r['shape']} | {r['median_ms']:.2f} "
             f"| {r['min_ms']:.2f} | {ratio} | {vs_floor} |"
         )
-    ua_ours = by_key.get(("update_and_allocate", "mask_step", "adalora_fast"))
-    ua_peft = by_key.get(("update_and_allocate", "mask_step", "peft"))
-    if ua_ours and ua_peft:
-        print(
-            f"\nupdate_and_allocate at {ua_shape['layers']} layers x 7 projections: "
-            f"PEFT / adalora_fast = {ua_peft / ua_ours:.1f}x (goal >= 3x)"
-        )
+    print("\nupdate_and_allocate alone: python benchmarks/bench_allocator.py")
     if not args.no_csv:
         rows = [{k: v for k, v in r.items() if k not in ("shape", "min_ms")} for r in results]
         path = append_rows(CSV_NAME, rows)

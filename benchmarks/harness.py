@@ -19,6 +19,13 @@ nothing accumulates from call to call. :func:`time_layer_gpu` times the modes of
 the other with :func:`gpu_median_ms`, :func:`time_layers_cpu` several layers round-robin with
 :func:`time_cpu_interleaved`; :func:`free_memory` releases what a finished configuration held and
 :func:`overhead_pct` / :func:`fmt_overhead` give the overhead over a baseline.
+
+Cross-layer benchmarks (the allocator, the regulariser): :func:`make_adapters` builds a
+Llama-shaped set of PEFT-named adapter parameters without any base weight (:func:`projection_shapes`);
+:func:`op_counts` counts the ATen ops (views excluded, :data:`VIEW_OPS`) and, on CUDA, the GPU kernels
+of one call; :func:`max_rel_err` compares results; :func:`force_compiled_triton` makes sure a CUDA
+run compiles the Triton kernels rather than interpreting them; :func:`sigterm_as_interrupt` lets a
+script stopped by ``timeout`` write what it measured.
 """
 
 from __future__ import annotations
@@ -26,8 +33,12 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import gc
+import math
+import os
+import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -59,6 +70,13 @@ COLUMNS = (
 ENV_COLUMNS = ("gpu", "torch", "triton", "commit", "date")
 
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_ADAPTER = "default"  # PEFT's adapter name: parameters are named <module>.lora_A.default etc.
+VIEW_OPS = {
+    "aten::alias", "aten::as_strided", "aten::detach", "aten::expand", "aten::narrow", "aten::reshape",
+    "aten::_reshape_alias", "aten::select", "aten::slice", "aten::split", "aten::split_with_sizes",
+    "aten::squeeze", "aten::t", "aten::transpose", "aten::unsqueeze", "aten::view", "aten::_unsafe_view",
+    "aten::lift_fresh", "aten::numpy_T", "aten::unflatten_dense_tensors",
+}  # fmt: skip
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -98,6 +116,47 @@ def tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     return model.to(device=device, dtype=dtype)
+
+
+# ---- adapters without base weights -------------------------------------------------------------
+def projection_shapes(d: int, d_ff: int) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each Llama projection: q, k, v, o d -> d; gate, up d -> d_ff; down d_ff -> d."""
+    return {
+        "q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
+        "gate_proj": (d, d_ff), "up_proj": (d, d_ff), "down_proj": (d_ff, d),
+    }  # fmt: skip
+
+
+def make_adapters(
+    layers: int,
+    d: int,
+    d_ff: int,
+    r: int,
+    device: str | torch.device,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """PEFT-named adapter parameters ``[(name, p)]`` of a Llama-shaped model, no base weights.
+
+    ``layers`` x the 7 projections of :data:`LLAMA_PROJ` (:func:`projection_shapes`), named
+    ``base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.<kind>.default`` and listed in the
+    order of PEFT's ``named_parameters()`` (per module: lora_A r x d_in, lora_B d_out x r, lora_E
+    r x 1). Random non-zero values drawn from ``seed``: A and B ~ N(0, 0.02) (PEFT's init), E ~ N(0, 1)
+    (a trained E: PEFT's zero init would zero every E score).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = projection_shapes(d, d_ff)
+    named = []
+    for i in range(layers):
+        for proj in LLAMA_PROJ:
+            d_in, d_out = shapes[proj]
+            block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{i}.{block}.{proj}"
+            kinds = (("lora_A", (r, d_in), 0.02), ("lora_B", (d_out, r), 0.02), ("lora_E", (r, 1), 1.0))
+            for kind, shape, std in kinds:
+                t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std
+                named.append((f"{prefix}.{kind}.{PEFT_ADAPTER}", torch.nn.Parameter(t.to(dtype))))
+    return named
 
 
 # ---- environment --------------------------------------------------------------------------------
@@ -261,15 +320,23 @@ def time_cpu_interleaved(
     return times
 
 
-def gpu_median_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100, **kwargs: Any) -> float:
+def gpu_median_ms(
+    fn: Callable[[], Any], warmup: int = 25, rep: int = 100, min_samples: int = 1, **kwargs: Any
+) -> float:
     """Median time of ``fn()`` on the GPU in milliseconds via ``triton.testing.do_bench``.
 
     ``warmup`` and ``rep`` are in milliseconds (do_bench's meaning); extra keyword arguments (e.g.
-    ``grad_to_none``) go to do_bench. Raises ``RuntimeError`` without CUDA.
+    ``grad_to_none``) go to do_bench. do_bench times ``rep / (its estimate of one call)`` calls, so a
+    slow ``fn`` (longer than ``rep``) would get a single sample: with ``min_samples`` > 1, ``fn`` is
+    first timed on its own (:func:`time_cpu`, 1 + 3 synchronised calls) and ``rep`` raised to
+    ``min_samples`` times that. Raises ``RuntimeError`` without CUDA.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("gpu_median_ms needs a CUDA device; use time_cpu on the CPU")
     from triton.testing import do_bench
+
+    if min_samples > 1:
+        rep = max(rep, math.ceil(min_samples * time_cpu(fn, warmup=1, iters=3)))
 
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median", **kwargs))
 
@@ -414,3 +481,67 @@ def fmt_overhead(ms: float | None, base_ms: float | None) -> str:
     """Overhead over the baseline as "+12.3%" ("-" when it cannot be computed)."""
     pct = overhead_pct(ms, base_ms)
     return "-" if pct is None else f"{pct:+.1f}%"
+
+
+# ---- op counts, comparisons, Triton mode --------------------------------------------------------
+def op_counts(fn: Callable[[], Any], cuda: bool = False) -> tuple[int, int | None]:
+    """``(ATen ops other than views, GPU kernels)`` of one ``fn()`` call, from ``torch.profiler``.
+
+    ATen ops are the CPU-side ``aten::*`` events not in :data:`VIEW_OPS` (nested ones included, as
+    the profiler records them). With ``cuda=True`` (and CUDA available) the GPU activity is recorded
+    too and the kernels run on the device are counted (Triton kernels included; memory copies and sets
+    left out); otherwise the second value is None.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = cuda and torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    aten = sum(
+        1
+        for e in events
+        if e.device_type == DeviceType.CPU and e.name.startswith("aten::") and e.name not in VIEW_OPS
+    )
+    if not cuda:
+        return aten, None
+    copies = ("Memcpy", "Memset", "memcpy", "memset")
+    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(copies))
+    return aten, kernels
+
+
+def max_rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """``max |a - b| / max |b|`` in fp32 (inf when a is missing or shapes differ; NaN propagates)."""
+    if a is None or b is None or a.shape != b.shape:
+        return float("inf")
+    a, b = a.detach().float(), b.detach().float()
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (what ``timeout`` sends) raise ``KeyboardInterrupt``, as Ctrl-C does, so that a
+    script stopped by a deadline still writes the rows it measured and prints its verdict."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def force_compiled_triton() -> None:
+    """On CUDA the kernels must be compiled, not interpreted (tests/conftest.py defaults
+    ``TRITON_INTERPRET`` to 1): set it to 0 before the kernels are imported, or exit if too late."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    if "adalora_fast.kernels._common" in sys.modules:
+        raise SystemExit("TRITON_INTERPRET is set and the kernels are already imported: rerun with 0")
+    print("warning: TRITON_INTERPRET was set; setting it to 0 for the CUDA run", file=sys.stderr)
+    os.environ["TRITON_INTERPRET"] = "0"
