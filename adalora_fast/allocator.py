@@ -4,10 +4,12 @@
 and delegates the tensor work to a scorer:
 
 * :class:`FlatScorer` (backend "torch", the default): all layers at once. Gradients and weights of
-  all A (B, E) are concatenated into one matrix per kind, the EMAs live in flat buffers owned by the
-  scorer, per-layer means are taken over same-shape groups of layers, and the E parameters are views
-  into one (M, r) buffer so that masking is a single op. The ATen op count of a step does not grow
-  with the number of layers, and nothing is read back to the host.
+  all A (B) are concatenated per kind in at most ``CHUNKS`` runs of layers (each run's element-wise
+  chain stays in cache), the EMAs live in flat buffers owned by the scorer, per-layer means are
+  taken over same-shape groups of layers, and the E parameters are views into one (M, r) buffer so
+  that masking is a single op. The ATen op count of a step does not grow with the number of layers,
+  and nothing is read back to the host.
+* ``allocator_triton.TritonScorer`` (backend "triton"): the same with the scoring in Triton kernels.
 * :class:`~adalora_fast.reference.ReferenceRankAllocator`: the per-layer spec; also used when layers
   have different ranks (a pruned PEFT checkpoint loaded for training).
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from .layer import SVDLinear
 
 KINDS = ("lora_A", "lora_E", "lora_B")
+CHUNKS = 8  # runs of layers per kind in a score update: a fixed number, so the op count is depth-free
 
 
 def _stable_order(keys: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
@@ -155,37 +158,32 @@ class FlatScorer:
             )
         return p.grad
 
-    def _gathered(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(weights, grads) per kind: A as (r, sum d_in), B as (sum d_out, r), E as (r, M)."""
-        a_layers = [self.layers[i] for i in self.a_order]
-        b_layers = [self.layers[i] for i in self.b_order]
-        a_names = [self.names[i] for i in self.a_order]
-        b_names = [self.names[i] for i in self.b_order]
-        return {
-            "lora_A": (
-                torch.cat([x.lora_A for x in a_layers], dim=1),
-                torch.cat(
-                    [self._grad(n, "lora_A", x.lora_A) for n, x in zip(a_names, a_layers, strict=True)], dim=1
-                ),
-            ),
-            "lora_B": (
-                torch.cat([x.lora_B for x in b_layers], dim=0),
-                torch.cat(
-                    [self._grad(n, "lora_B", x.lora_B) for n, x in zip(b_names, b_layers, strict=True)], dim=0
-                ),
-            ),
-            "lora_E": (
-                self.flat_E.T,
-                torch.cat(
-                    [self._grad(n, "lora_E", x.lora_E) for n, x in zip(self.names, self.layers, strict=True)],
-                    dim=1,
-                ),
-            ),
-        }
+    def _runs(self, kind: str) -> list[tuple[list[int], int, int]]:
+        """The layers of ``kind``'s concatenation order in at most CHUNKS consecutive runs:
+        ``(layer indices, start, end)`` with start/end the run's span in the flat buffer (columns of
+        A's (r, sum d_in), rows of B's (sum d_out, r))."""
+        order, size = (self.a_order, "in_features") if kind == "lora_A" else (self.b_order, "out_features")
+        n = min(CHUNKS, len(order))
+        bounds = [round(j * len(order) / n) for j in range(n + 1)]
+        runs, pos = [], 0
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            idx = order[lo:hi]
+            span = sum(getattr(self.layers[i], size) for i in idx)
+            runs.append((idx, pos, pos + span))
+            pos += span
+        return runs
+
+    def _cat(self, kind: str, idx: Sequence[int], grads: bool) -> torch.Tensor:
+        """``kind``'s weights (or gradients) of layers ``idx``, concatenated in the flat layout."""
+        dim = 0 if kind == "lora_B" else 1
+        params = [getattr(self.layers[i], kind) for i in idx]
+        if grads:
+            params = [self._grad(self.names[i], kind, p) for i, p in zip(idx, params, strict=True)]
+        return torch.cat(params, dim=dim)
 
     def _grads_finite(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """0-d bool device tensor: no element of ``grads`` is inf or NaN. No host sync. Here ``grads``
-        are the three concatenated gradient matrices, so the op count does not grow with depth."""
+        are the concatenated gradient runs (a fixed number), so the op count does not grow with depth."""
         return grads_finite(grads)
 
     def _count_nonfinite(self, finite: torch.Tensor) -> None:
@@ -200,22 +198,43 @@ class FlatScorer:
         in) and ``nonfinite_steps`` counts it. Decided on the device, no host sync.
         """
         self.bind()
-        b1, b2 = self.beta1, self.beta2
         with torch.no_grad():
-            gathered = self._gathered()
+            # Gradients first (all of them decide whether the step counts), in at most CHUNKS runs of
+            # layers per kind: each run's concatenation and element-wise chain stay in cache, and the
+            # op count does not grow with depth.
+            runs = [(kind, idx, lo, hi, self._cat(kind, idx, grads=True))
+                    for kind in ("lora_A", "lora_B") for idx, lo, hi in self._runs(kind)]  # fmt: skip
+            all_layers = range(len(self.layers))
+            g_E = self._cat("lora_E", all_layers, grads=True)
             if self.ema_ipt is None:
-                self.ema_ipt = {k: torch.zeros_like(g) for k, (_, g) in gathered.items()}
-                self.ema_unc = {k: torch.zeros_like(g) for k, (_, g) in gathered.items()}
-            finite = self._grads_finite([g for _, g in gathered.values()])
+                shapes = {"lora_A": (self.r, self._span("lora_A")), "lora_B": (self._span("lora_B"), self.r),
+                          "lora_E": tuple(g_E.shape)}  # fmt: skip
+                self.ema_ipt = {k: g_E.new_zeros(shape) for k, shape in shapes.items()}
+                self.ema_unc = {k: g_E.new_zeros(shape) for k, shape in shapes.items()}
+            finite = self._grads_finite([run[4] for run in runs] + [g_E])
             self._count_nonfinite(finite)
-            for kind, (p, g) in gathered.items():
-                ipt = (p * g).abs_()
+            for kind, idx, lo, hi, g in runs:
+                p = self._cat(kind, idx, grads=False)
                 ema, unc = self.ema_ipt[kind], self.ema_unc[kind]
-                # Same products and sums as PEFT, element by element: b*ema + (1-b)*x.
-                new_ema = torch.mul(ema, b1).add_(ipt * (1 - b1))
-                new_unc = torch.mul(unc, b2).add_((ipt - new_ema).abs_().mul_(1 - b2))
-                torch.where(finite, new_ema, ema, out=ema)
-                torch.where(finite, new_unc, unc, out=unc)
+                if kind == "lora_A":
+                    self._ema_step(p, g, ema[:, lo:hi], unc[:, lo:hi], finite)
+                else:
+                    self._ema_step(p, g, ema[lo:hi], unc[lo:hi], finite)
+            self._ema_step(self.flat_E.T, g_E, self.ema_ipt["lora_E"], self.ema_unc["lora_E"], finite)
+
+    def _span(self, kind: str) -> int:
+        return sum(x.in_features if kind == "lora_A" else x.out_features for x in self.layers)
+
+    def _ema_step(
+        self, p: torch.Tensor, g: torch.Tensor, ema: torch.Tensor, unc: torch.Tensor, finite: torch.Tensor
+    ) -> None:
+        """Both EMAs of ``p`` in place; unchanged unless ``finite``. PEFT's products and sums, in order."""
+        b1, b2 = self.beta1, self.beta2
+        ipt = (p * g).abs_()
+        new_ema = torch.mul(ema, b1).add_(ipt * (1 - b1))
+        new_unc = torch.mul(unc, b2).add_((ipt - new_ema).abs_().mul_(1 - b2))
+        torch.where(finite, new_ema, ema, out=ema)
+        torch.where(finite, new_unc, unc, out=unc)
 
     def scores(self) -> torch.Tensor:
         """Triplet scores, shape (M, r)."""

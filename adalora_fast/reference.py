@@ -64,13 +64,13 @@ def grads_finite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     if not grads:
         raise ValueError("grads_finite needs at least one tensor")
     device = grads[0].device
-    # min() of a bool tensor is its logical "all"; unlike all()/sum(), CPU's min() issues the same ops
-    # whatever the size (all() adds a buffer and a copy above a size threshold). Empty tensors are
-    # skipped (min() of nothing is an error; they are trivially finite).
-    flags = [torch.isfinite(g).min().to(device) for g in grads if g.numel() > 0]
-    if not flags:
+    # One read pass per tensor and no bool temporary: aminmax propagates NaN, and +-inf shows up as
+    # the max or the min; only the 2 * len(grads) extremes are tested. Unlike all()/sum(), it issues
+    # the same ops whatever the size on the CPU. Empty tensors are skipped (trivially finite).
+    extremes = [torch.stack(torch.aminmax(g)).to(device) for g in grads if g.numel() > 0]
+    if not extremes:
         return torch.ones((), dtype=torch.bool, device=device)
-    return flags[0] if len(flags) == 1 else torch.stack(flags).min()
+    return torch.isfinite(torch.cat(extremes)).min()
 
 
 def update_importance_(
