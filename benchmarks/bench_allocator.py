@@ -79,7 +79,8 @@ from harness import (
     gpu_median_ms,
     make_adapters,
     op_counts,
-    sigterm_as_interrupt,
+    script_end,
+    script_start,
     time_cpu_interleaved,
 )
 from torch import nn
@@ -578,12 +579,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sigterm_as_interrupt()
-    cuda = torch.cuda.is_available()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.out).expanduser().resolve()
-    csv_path = None if args.no_csv else out_dir / (GPU_CSV if cuda else CPU_CSV)
+    cuda, csv_path = script_start(args.out, args.no_csv, args.threads, GPU_CSV, CPU_CSV)
     print(f"# {OP} benchmark ({MODE})\n\n{describe_environment()}\n", flush=True)
     ms: dict[str, float] = {}
     failures: list[str] = []
@@ -605,14 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"interrupted ({err or 'Ctrl-C'})")
         print(f"\nINTERRUPTED ({err or 'Ctrl-C'})", file=sys.stderr, flush=True)
     print(goal_line("cuda" if cuda else "cpu", ms, model, args.target_r))
-    if csv_path is not None:
-        print(f"CSV: {csv_path}")
-    if failures:
-        print(f"\n{len(failures)} failure(s):", file=sys.stderr)
-        for msg in failures:
-            print(f"  {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return script_end(failures, csv_path)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ from harness import (
     make_adapters,
     max_rel_err,
     op_counts,
+    script_end,
+    script_start,
     time_cpu_interleaved,
 )
 from torch import nn
@@ -305,11 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.out).expanduser().resolve()
-    csv_path = None if args.no_csv else out_dir / (GPU_CSV if cuda else CPU_CSV)
+    cuda, csv_path = script_start(args.out, args.no_csv, args.threads, GPU_CSV, CPU_CSV)
     print(f"# {OP} benchmark ({MODE})\n\n{describe_environment()}\n", flush=True)
     if cuda:
         force_compiled_triton()
@@ -318,14 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"no CUDA: CPU model {CPU_MODEL}, fp32, {args.iters} round-robin calls\n", flush=True)
         failures = run_cpu(args.providers, csv_path, args.iters)
-    if csv_path is not None:
-        print(f"CSV: {csv_path}")
-    if failures:
-        print(f"\n{len(failures)} failure(s):", file=sys.stderr)
-        for msg in failures:
-            print(f"  {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return script_end(failures, csv_path)
 
 
 if __name__ == "__main__":

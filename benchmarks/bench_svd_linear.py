@@ -55,7 +55,8 @@ from harness import (
     layer_inputs,
     layer_step,
     overhead_pct,
-    sigterm_as_interrupt,
+    script_end,
+    script_start,
     time_layer_gpu,
     time_layers_cpu,
 )
@@ -525,12 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # `timeout` sends SIGTERM: stop like Ctrl-C, so the rows measured so far are flushed and the
     # goal line is printed (KeyboardInterrupt is not caught by the per-measurement guards).
-    sigterm_as_interrupt()
-    cuda = torch.cuda.is_available()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.out).expanduser().resolve()
-    csv_path = None if args.no_csv else out_dir / (GPU_CSV if cuda else CPU_CSV)
+    cuda, csv_path = script_start(args.out, args.no_csv, args.threads, GPU_CSV, CPU_CSV)
     run = Run("cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32, csv_path)
     print(f"# {OP} benchmark\n\n{describe_environment()}\n", flush=True)
     try:
@@ -562,14 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         run.flush()
     print(goal_line(run))
-    if csv_path is not None:
-        print(f"CSV: {csv_path}")
-    if run.failures:
-        print(f"\n{len(run.failures)} failure(s):", file=sys.stderr)
-        for msg in run.failures:
-            print(f"  {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return script_end(run.failures, csv_path)
 
 
 if __name__ == "__main__":

@@ -545,3 +545,29 @@ def force_compiled_triton() -> None:
         raise SystemExit("TRITON_INTERPRET is set and the kernels are already imported: rerun with 0")
     print("warning: TRITON_INTERPRET was set; setting it to 0 for the CUDA run", file=sys.stderr)
     os.environ["TRITON_INTERPRET"] = "0"
+
+
+def script_start(
+    out: str, no_csv: bool, threads: int, gpu_csv: str, cpu_csv: str
+) -> tuple[bool, Path | None]:
+    """The common start of a benchmark script: SIGTERM stops like Ctrl-C, the CPU thread count, and
+    the CSV to append to (``gpu_csv`` on CUDA, ``cpu_csv`` otherwise; None with ``no_csv``).
+    Returns (cuda, csv path)."""
+    sigterm_as_interrupt()
+    cuda = torch.cuda.is_available()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    csv_path = None if no_csv else Path(out).expanduser().resolve() / (gpu_csv if cuda else cpu_csv)
+    return cuda, csv_path
+
+
+def script_end(failures: Sequence[str], csv_path: Path | None) -> int:
+    """The common end of a benchmark script: where the rows went, the failures; the exit code."""
+    if csv_path is not None:
+        print(f"CSV: {csv_path}")
+    if failures:
+        print(f"\n{len(failures)} failure(s):", file=sys.stderr)
+        for msg in failures:
+            print(f"  {msg}", file=sys.stderr)
+        return 1
+    return 0
