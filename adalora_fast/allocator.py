@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .layer import SVDLinear
 
 KINDS = ("lora_A", "lora_E", "lora_B")
+_Coeffs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 CHUNKS = 8  # runs of layers per kind in a score update: a fixed number, so the op count is depth-free
 
 
@@ -213,28 +214,41 @@ class FlatScorer:
                 self.ema_unc = {k: g_E.new_zeros(shape) for k, shape in shapes.items()}
             finite = self._grads_finite([run[4] for run in runs] + [g_E])
             self._count_nonfinite(finite)
+            coeffs = self._coefficients(finite, g_E)
             for kind, idx, lo, hi, g in runs:
                 p = self._cat(kind, idx, grads=False)
                 ema, unc = self.ema_ipt[kind], self.ema_unc[kind]
                 if kind == "lora_A":
-                    self._ema_step(p, g, ema[:, lo:hi], unc[:, lo:hi], finite)
+                    self._ema_step(p, g, ema[:, lo:hi], unc[:, lo:hi], coeffs)
                 else:
-                    self._ema_step(p, g, ema[lo:hi], unc[lo:hi], finite)
-            self._ema_step(self.flat_E.T, g_E, self.ema_ipt["lora_E"], self.ema_unc["lora_E"], finite)
+                    self._ema_step(p, g, ema[lo:hi], unc[lo:hi], coeffs)
+            self._ema_step(self.flat_E.T, g_E, self.ema_ipt["lora_E"], self.ema_unc["lora_E"], coeffs)
 
     def _span(self, kind: str) -> int:
         return sum(x.in_features if kind == "lora_A" else x.out_features for x in self.layers)
 
     def _ema_step(
-        self, p: torch.Tensor, g: torch.Tensor, ema: torch.Tensor, unc: torch.Tensor, finite: torch.Tensor
+        self, p: torch.Tensor, g: torch.Tensor, ema: torch.Tensor, unc: torch.Tensor, coeffs: _Coeffs
     ) -> None:
-        """Both EMAs of ``p`` in place; unchanged unless ``finite``. PEFT's products and sums, in order."""
+        """Both EMAs of ``p`` in place with PEFT's products and sums, in order (``b*ema + (1-b)*I``).
+
+        On a non-finite step the coefficients are (1, 0) and I is zeroed, so both EMAs come out
+        bitwise unchanged (``ema*1 + 0*0``) without a second buffer or a select pass."""
+        skip, b1, c1, b2, c2 = coeffs
+        ipt = (p * g).abs_().masked_fill_(skip, 0.0)
+        ema.mul_(b1).add_(ipt * c1)
+        unc.mul_(b2).add_((ipt - ema).abs_().mul_(c2))
+
+    def _coefficients(self, finite: torch.Tensor, like: torch.Tensor) -> _Coeffs:
+        """(skip, b1, 1-b1, b2, 1-b2) as 0-d device tensors: the betas on a finite step, (1, 0) on a
+        skipped one. fp32 0-d tensors multiply exactly as the Python floats PEFT uses do."""
+
+        def pick(value: float, fallback: float) -> torch.Tensor:
+            v = torch.tensor(value, dtype=like.dtype).to(like.device)
+            return torch.where(finite, v, torch.tensor(fallback, dtype=like.dtype).to(like.device))
+
         b1, b2 = self.beta1, self.beta2
-        ipt = (p * g).abs_()
-        new_ema = torch.mul(ema, b1).add_(ipt * (1 - b1))
-        new_unc = torch.mul(unc, b2).add_((ipt - new_ema).abs_().mul_(1 - b2))
-        torch.where(finite, new_ema, ema, out=ema)
-        torch.where(finite, new_unc, unc, out=unc)
+        return finite.logical_not(), pick(b1, 1.0), pick(1 - b1, 0.0), pick(b2, 1.0), pick(1 - b2, 0.0)
 
     def scores(self) -> torch.Tensor:
         """Triplet scores, shape (M, r)."""
