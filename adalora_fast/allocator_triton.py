@@ -20,15 +20,10 @@ import torch
 from . import dispatch
 from .allocator import KINDS, FlatScorer
 from .kernels import importance_ema
+from .kernels._common import table_to_device
 
 if TYPE_CHECKING:
     from .layer import SVDLinear
-
-
-def _device_table(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 class TritonScorer(FlatScorer):
@@ -83,24 +78,29 @@ class TritonScorer(FlatScorer):
             if t is not None and t.device != device:
                 setattr(self, attr, t.to(device))
 
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        params, grads = self._params(), self._grads()
-        device = self.flat_E.device
-        p_key = tuple(p.data_ptr() for p in params)
-        if p_key != self._p_key:
-            self._p_table = _device_table(importance_ema.pointer_table(params), device)
-            self._p_key = p_key
-        g_key = tuple(g.data_ptr() for g in grads)
-        if g_key != self._g_key:
-            self._g_table = _device_table(importance_ema.pointer_table(grads), device)
-            self._g_key = g_key
-        return self._p_table, self._g_table
+    def _param_table(self) -> torch.Tensor:
+        """Device table of the parameters' data pointers, rebuilt only when one changed."""
+        params = self._params()
+        key = tuple(p.data_ptr() for p in params)
+        if key != self._p_key:
+            self._p_table = table_to_device(importance_ema.pointer_table(params), self.flat_E.device)
+            self._p_key = key
+        return self._p_table
+
+    def _grad_table(self) -> torch.Tensor:
+        """Device table of the gradients' data pointers, rebuilt only when one changed."""
+        grads = self._grads()
+        key = tuple(g.data_ptr() for g in grads)
+        if key != self._g_key:
+            self._g_table = table_to_device(importance_ema.pointer_table(grads), self.flat_E.device)
+            self._g_key = key
+        return self._g_table
 
     def update_scores(self) -> None:
         """One EMA step of every element (skipped on device if any gradient is inf/NaN) + scores."""
         self.bind()
         with torch.no_grad():
-            p_table, g_table = self._tables()
+            p_table, g_table = self._param_table(), self._grad_table()
             if self._flat_ipt is None:
                 n = self._total_elements()
                 self._flat_ipt = torch.zeros(n, device=self.flat_E.device)
@@ -142,20 +142,12 @@ class TritonScorer(FlatScorer):
         if self._flat_ipt is None:
             raise RuntimeError("no importance scores yet: update_and_allocate has not run a scoring step")
         if self._scores is None:
-            p_table, _ = self._tables_params_only()
+            p_table = self._param_table()
             self._scores = importance_ema.importance_scores_(
                 p_table, p_table, self._layout, self._flat_ipt, self._flat_unc,
                 self.r, self.beta1, self.beta2, update=False,
             )  # fmt: skip
         return self._scores
-
-    def _tables_params_only(self) -> tuple[torch.Tensor, None]:
-        params = self._params()
-        p_key = tuple(p.data_ptr() for p in params)
-        if p_key != self._p_key:
-            self._p_table = _device_table(importance_ema.pointer_table(params), self.flat_E.device)
-            self._p_key = p_key
-        return self._p_table, None
 
     # ---- per-layer state (checkpoints): views into the flat buffers, in each parameter's shape --
     def layer_state(self) -> dict[str, torch.Tensor]:

@@ -161,6 +161,8 @@ def _load_orth_reg() -> None:
 
 
 register("svd_linear", "torch", svd_linear_torch)
+
+
 def _load_allocator() -> None:
     from .allocator_triton import make_triton_scorer
 

@@ -69,6 +69,8 @@ from typing import Any
 import pytest
 import torch
 from harness import (
+    CPU_ADAPTERS,
+    GPU_ADAPTERS,
     LLAMA_PROJ,
     PEFT_ADAPTER,
     RESULTS_DIR,
@@ -91,8 +93,8 @@ PROVIDERS = ("fused", "torch", "peft")
 CPU_PROVIDERS = ("torch", "peft")
 REFERENCE = "torch"
 BACKENDS = {"fused": "triton", "torch": "torch"}
-GPU_MODEL = {"layers": 32, "d": 4096, "d_ff": 11008, "r": 12}
-CPU_MODEL = {"layers": 32, "d": 512, "d_ff": 1376, "r": 12}
+GPU_MODEL = GPU_ADAPTERS
+CPU_MODEL = CPU_ADAPTERS
 TARGET_R = 8
 GPU_CSV, CPU_CSV = "gpu_allocator.csv", "cpu_allocator.csv"
 # Every step in 1..TOTAL_STEP - 1 is a mask step of the budget phase; every timed call uses STEP.

@@ -42,6 +42,8 @@ from typing import Any
 import pytest
 import torch
 from harness import (
+    CPU_ADAPTERS,
+    GPU_ADAPTERS,
     PEFT_ADAPTER,
     RESULTS_DIR,
     append_rows,
@@ -62,8 +64,8 @@ OP = "orth_reg"
 MODE = "fwd+bwd"
 PROVIDERS = ("fused", "torch", "peft")
 CPU_PROVIDERS = ("torch", "peft")
-GPU_MODEL = {"layers": 32, "d": 4096, "d_ff": 11008, "r": 12}
-CPU_MODEL = {"layers": 32, "d": 512, "d_ff": 1376, "r": 12}
+GPU_MODEL = GPU_ADAPTERS
+CPU_MODEL = CPU_ADAPTERS
 GPU_CSV, CPU_CSV = "gpu_orth_reg.csv", "cpu_orth_reg.csv"
 TOL = 1e-4
 SEED = 0

@@ -127,6 +127,12 @@ def projection_shapes(d: int, d_ff: int) -> dict[str, tuple[int, int]]:
     }  # fmt: skip
 
 
+# Adapter sets of the allocator and regulariser benchmarks (make_adapters arguments): Llama-7B's
+# 32 layers x 7 projections on GPUs; the CPU goal shape (d = 512) on the CPU.
+GPU_ADAPTERS = {"layers": 32, "d": 4096, "d_ff": 11008, "r": 12}
+CPU_ADAPTERS = {"layers": 32, "d": 512, "d_ff": 1376, "r": 12}
+
+
 def make_adapters(
     layers: int,
     d: int,

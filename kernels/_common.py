@@ -96,3 +96,11 @@ def check_seed(seed: torch.Tensor | None, device: torch.device, name: str) -> No
             f"{name}: seed must be one int64 element on {device}, got {seed.dtype} {list(seed.shape)} on "
             f"{seed.device}"
         )
+
+
+def table_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built int64 table on ``device``: on CUDA an asynchronous copy from pinned memory (no
+    host sync, also under ``set_sync_debug_mode("error")``)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

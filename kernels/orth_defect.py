@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_RANK, device_guard, dot_precision, rank_pad
+from ._common import INTERPRET, MAX_RANK, device_guard, dot_precision, rank_pad, table_to_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -238,10 +238,7 @@ def _key(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]) -> tu
 
 
 def _to_device(rows: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
-    if device.type == "cuda":  # pinned + non_blocking: an async copy, no host sync
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return table_to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width), device)
 
 
 def _build_tables(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]) -> Tables:
