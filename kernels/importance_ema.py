@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, device_guard, rank_pad
 
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # jit code reads only constexpr globals
 LAYOUT_COLUMNS = 4  # ema_offset, length, stride_rank, stride_pos
 
 
