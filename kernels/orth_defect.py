@@ -290,11 +290,9 @@ def clear_table_cache() -> None:
 
 
 # ---- custom ops ---------------------------------------------------------------------------------
-@torch.library.custom_op("adalora_fast::orth_defect_fwd", mutates_args=())
-def orth_defect_fwd(
-    lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor]
+def _forward_impl(
+    lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, unit defects): the regulariser (0-d, the factors' dtype) and ``D_i / ||D_i||_F`` (n, r, r) fp32."""
     tab = tables(lora_As, lora_Bs)
     device, dtype = lora_As[0].device, lora_As[0].dtype
     value = torch.empty((), device=device, dtype=dtype)
@@ -314,18 +312,9 @@ def orth_defect_fwd(
     return value, unit
 
 
-@orth_defect_fwd.register_fake
-def _(lora_As, lora_Bs):
-    n, r_max = len(lora_As) + len(lora_Bs), _r_max(lora_As, lora_Bs)
-    first = lora_As[0]
-    return first.new_empty(()), first.new_empty(n, r_max, r_max, dtype=torch.float32)
-
-
-@torch.library.custom_op("adalora_fast::orth_defect_bwd", mutates_args=())
-def orth_defect_bwd(
-    grad: torch.Tensor, lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], unit: torch.Tensor
+def _backward_impl(
+    grad: torch.Tensor, lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor], unit: torch.Tensor
 ) -> torch.Tensor:
-    """Every factor's gradient, flat and contiguous in the order ``lora_As + lora_Bs`` (one buffer)."""
     tab = tables(lora_As, lora_Bs)
     device, dtype = lora_As[0].device, lora_As[0].dtype
     flat = torch.empty(tab.numel, device=device, dtype=dtype)
@@ -339,6 +328,29 @@ def orth_defect_bwd(
             )  # fmt: skip
         LAUNCHES["_defect_grad_kernel"] += 1
     return flat
+
+
+@torch.library.custom_op("adalora_fast::orth_defect_fwd", mutates_args=())
+def orth_defect_fwd(
+    lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, unit defects): the regulariser (0-d, the factors' dtype) and ``D_i / ||D_i||_F`` (n, r, r) fp32."""
+    return _forward_impl(lora_As, lora_Bs)
+
+
+@orth_defect_fwd.register_fake
+def _(lora_As, lora_Bs):
+    n, r_max = len(lora_As) + len(lora_Bs), _r_max(lora_As, lora_Bs)
+    first = lora_As[0]
+    return first.new_empty(()), first.new_empty(n, r_max, r_max, dtype=torch.float32)
+
+
+@torch.library.custom_op("adalora_fast::orth_defect_bwd", mutates_args=())
+def orth_defect_bwd(
+    grad: torch.Tensor, lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], unit: torch.Tensor
+) -> torch.Tensor:
+    """Every factor's gradient, flat and contiguous in the order ``lora_As + lora_Bs`` (one buffer)."""
+    return _backward_impl(grad, lora_As, lora_Bs, unit)
 
 
 @orth_defect_bwd.register_fake
@@ -382,6 +394,26 @@ def _backward(ctx, grad: torch.Tensor, _grad_unit: torch.Tensor | None):
 orth_defect_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _OrthDefect(torch.autograd.Function):
+    """The eager path: the same kernels and gradients as the custom ops, without the custom-op
+    dispatcher's per-tensor Python work on two lists of one tensor per layer (pytree flattening,
+    schema checks: about a fifth of the host time of a call at 224 layers, measured on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, n_a: int, *mats: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        value, unit = _forward_impl(mats[:n_a], mats[n_a:])
+        ctx.n_a = n_a
+        ctx.save_for_backward(*mats, unit)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        *mats, unit = ctx.saved_tensors
+        flat = _backward_impl(grad, mats[: ctx.n_a], mats[ctx.n_a :], unit)
+        views = unflatten(flat, mats)
+        return (None, *(v if need else None for v, need in zip(views, ctx.needs_input_grad[1:], strict=True)))
+
+
 # ---- public entry point -------------------------------------------------------------------------
 def orth_regularization(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``R = (sum_i ||A_i A_i^T - I||_F + sum_i ||B_i^T B_i - I||_F) / (n_A + n_B)``, differentiable.
@@ -391,4 +423,6 @@ def orth_regularization(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch
     """
     if len(lora_As) == 0 or len(lora_As) != len(lora_Bs):
         check_inputs(lora_As, lora_Bs)  # raises the clear error
-    return orth_defect_fwd(list(lora_As), list(lora_Bs))[0]
+    if torch.compiler.is_compiling():  # traced: the custom ops (fake implementations, no graph break)
+        return orth_defect_fwd(list(lora_As), list(lora_Bs))[0]
+    return _OrthDefect.apply(len(lora_As), *lora_As, *lora_Bs)
