@@ -7,10 +7,16 @@
 #   -> OUTDIR/summary.txt. The benchmarks autotune as usual.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
+#   CHECK_STEPS="gpu_tests allocator profile kernel_tests" bash benchmarks/gpu_check.sh OUTDIR  # a subset
 #
-# OUTDIR gets 8 files: env.txt (install log, nvidia-smi, versions), gpu_tests.log,
-# quick/bench_svd_linear.log, quick/gpu_svd_linear.csv, bench_allocator_orth_reg.log (both benchmarks'
-# output, then their CSV rows), bench_svd_linear.log, gpu_svd_linear.csv, summary.txt.
+# Steps (CHECK_STEPS, in this order; default all): gpu_tests kernel_tests quick allocator orth_reg
+# profile grid. Tests run on 8 pytest-xdist workers when xdist is installed (compiles in parallel).
+#
+# OUTDIR gets at most 8 files: env.txt (install log, nvidia-smi, versions), gpu_tests.log,
+# quick/bench_svd_linear.log (then its CSV rows), bench_allocator_orth_reg.log (both benchmarks'
+# output, then their CSV rows), profile_gpu.log (then its CSV rows), bench_svd_linear.log,
+# gpu_svd_linear.csv, summary.txt. A step cut by its timeout gets SIGINT first, so pytest and the
+# benchmarks stop like Ctrl-C and still print what they have (failures so far, rows so far).
 # Every step runs under `timeout` against one deadline (CHECK_BUDGET_S, default 470 s from the start);
 # a failed or timed-out step is recorded and the script goes on; it exits 1 if anything failed. The
 # full grid comes last and takes what is left: cut by the deadline, it is reported INCOMPLETE (its
@@ -37,6 +43,8 @@ FAILED=0
 LAST_RC=0
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
+STEPS=" ${CHECK_STEPS:-gpu_tests kernel_tests quick allocator orth_reg profile grid} "
+want() { [[ $STEPS == *" $1 "* ]]; }
 
 # Seconds a step may run: its cap, or what is left before the deadline (minus a reserve for the summary).
 allow() {
@@ -55,7 +63,7 @@ step() {
         return 0
     fi
     echo "=== $name (timeout ${limit}s): $*" | tee -a "$log"
-    timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log" || rc=$?
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log" || rc=$?
     local status="rc=$rc"
     if ((rc == 124 || rc == 137)); then status="rc=$rc TIMEOUT after ${limit}s"; fi
     note "$name: $status ($((SECONDS - t0))s)"
@@ -116,9 +124,13 @@ test_rc() {
 }
 # One GEMM config in the tests (ADALORA_FAST_AUTOTUNE=0): fast compiles; the benchmarks autotune.
 TEST_ENV=(env ADALORA_FAST_AUTOTUNE=0)
-LAST_RC=0
-step "tests -m gpu" 75 "$TEST_LOG" "${TEST_ENV[@]}" "$PY" -m pytest -q -rfEs -m gpu tests
-test_rc "tests -m gpu"
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+if want gpu_tests; then
+    LAST_RC=0
+    step "tests -m gpu" 75 "$TEST_LOG" "${TEST_ENV[@]}" "$PY" -m pytest -q -rfEs --tb=short "${XDIST[@]}" -m gpu tests
+    test_rc "tests -m gpu"
+fi
 # Kernel tests: the fused layer's op, every tests/test_kernel_*.py (x_at, xt_s, xw_plus_sb,
 # importance_ema, orth_defect, ...) and the Triton allocator scorer; their GPU-marked tests ran above.
 shopt -s nullglob
@@ -127,14 +139,19 @@ for f in tests/test_svd_linear_op.py tests/test_kernel_*.py tests/test_allocator
     [[ -e $f ]] && KERNEL_TESTS+=("$f")
 done
 shopt -u nullglob
-if ((${#KERNEL_TESTS[@]} == 0)); then
-    note "kernel tests: MISSING (no tests/test_svd_linear_op.py nor tests/test_kernel_*.py yet); skipped"
-else
+kernel_tests() {
+    if ((${#KERNEL_TESTS[@]} == 0)); then
+        note "kernel tests: MISSING (no tests/test_svd_linear_op.py nor tests/test_kernel_*.py yet); skipped"
+        return 0
+    fi
     LAST_RC=0
     step "kernel tests (${KERNEL_TESTS[*]})" 150 "$TEST_LOG" \
-        "${TEST_ENV[@]}" "$PY" -m pytest -q -rfEs -m "not gpu" "${KERNEL_TESTS[@]}"
+        "${TEST_ENV[@]}" "$PY" -m pytest -q -rfEs --tb=short "${XDIST[@]}" -m "not gpu" "${KERNEL_TESTS[@]}"
     test_rc "kernel tests"
-fi
+}
+# With a subset ending in kernel_tests, they run last (taking what time is left).
+if want kernel_tests && [[ -n ${CHECK_STEPS:-} ]]; then KERNEL_TESTS_LAST=1; else KERNEL_TESTS_LAST=0; fi
+if want kernel_tests && ((KERNEL_TESTS_LAST == 0)); then kernel_tests; fi
 
 # ---- benchmarks: svd_linear goal point (do_bench defaults), allocator and regulariser (small), then
 # the full svd_linear grid (shorter do_bench) with the time that is left ---------------------------
@@ -145,22 +162,33 @@ fi
 # Full grid: 3 shapes x 3 token counts x (base + 4 ranks x 3 providers) x 3 modes = 351 do_bench
 # calls (~0.1 s each at warmup 10 / rep 40 ms), ~27 autotuning keys of the GEMM kernel (7 configs
 # each), ~40 kernel compilations: about 2.5-3.5 minutes on an H100.
-mkdir -p "$OUTDIR/quick"
-LAST_RC=0
-step "bench --quick" 90 "$OUTDIR/quick/bench_svd_linear.log" \
-    "$PY" benchmarks/bench_svd_linear.py --quick --out "$OUTDIR/quick"
-((LAST_RC == 0)) || FAILED=1
+if want quick; then
+    mkdir -p "$OUTDIR/quick"
+    LAST_RC=0
+    QUICK_CSV=$(mktemp -d)
+    step "bench --quick" 90 "$OUTDIR/quick/bench_svd_linear.log" \
+        "$PY" benchmarks/bench_svd_linear.py --quick --out "$QUICK_CSV"
+    ((LAST_RC == 0)) || FAILED=1
+    if [[ -f $QUICK_CSV/gpu_svd_linear.csv ]]; then
+        { echo "=== gpu_svd_linear.csv"; cat "$QUICK_CSV/gpu_svd_linear.csv"; } >>"$OUTDIR/quick/bench_svd_linear.log"
+    fi
+    rm -rf "$QUICK_CSV"
+fi
 XTRA_LOG="$OUTDIR/bench_allocator_orth_reg.log"
 XTRA_CSV=$(mktemp -d)
 : >"$XTRA_LOG"
-LAST_RC=0
-step "bench_allocator --quick" 100 "$XTRA_LOG" \
-    "$PY" benchmarks/bench_allocator.py --quick --out "$XTRA_CSV"
-((LAST_RC == 0)) || FAILED=1
-LAST_RC=0
-step "bench_orth_reg" 60 "$XTRA_LOG" \
-    "$PY" benchmarks/bench_orth_reg.py --out "$XTRA_CSV" --warmup 10 --rep 40
-((LAST_RC == 0)) || FAILED=1
+if want allocator; then
+    LAST_RC=0
+    step "bench_allocator --quick" 100 "$XTRA_LOG" \
+        "$PY" benchmarks/bench_allocator.py --quick --out "$XTRA_CSV"
+    ((LAST_RC == 0)) || FAILED=1
+fi
+if want orth_reg; then
+    LAST_RC=0
+    step "bench_orth_reg" 60 "$XTRA_LOG" \
+        "$PY" benchmarks/bench_orth_reg.py --out "$XTRA_CSV" --warmup 10 --rep 40
+    ((LAST_RC == 0)) || FAILED=1
+fi
 for f in "$XTRA_CSV"/gpu_allocator.csv "$XTRA_CSV"/gpu_orth_reg.csv; do
     if [[ -f $f ]]; then
         { echo "=== $(basename "$f")"; cat "$f"; } >>"$XTRA_LOG"
@@ -169,14 +197,28 @@ for f in "$XTRA_CSV"/gpu_allocator.csv "$XTRA_CSV"/gpu_orth_reg.csv; do
     fi
 done
 rm -rf "$XTRA_CSV"
-LAST_RC=0
-step "bench full grid" 230 "$OUTDIR/bench_svd_linear.log" \
-    "$PY" benchmarks/bench_svd_linear.py --out "$OUTDIR" --warmup 10 --rep 40
-if ((LAST_RC == 124 || LAST_RC == 137)); then
-    note "bench full grid: INCOMPLETE (cut by the deadline; the rows measured so far are in gpu_svd_linear.csv)"
-elif ((LAST_RC != 0)); then
-    FAILED=1
+# Per-kernel breakdown (benchmarks/profile_gpu.py): its log ends with its CSV rows (OUTDIR keeps 8 files).
+if want profile; then
+    PROF_DIR=$(mktemp -d)
+    LAST_RC=0
+    step "profile_gpu" 100 "$OUTDIR/profile_gpu.log" "$PY" benchmarks/profile_gpu.py --out "$PROF_DIR"
+    ((LAST_RC == 0)) || FAILED=1
+    if [[ -f $PROF_DIR/gpu_profile.csv ]]; then
+        { echo "=== gpu_profile.csv"; cat "$PROF_DIR/gpu_profile.csv"; } >>"$OUTDIR/profile_gpu.log"
+    fi
+    rm -rf "$PROF_DIR"
 fi
+if want grid; then
+    LAST_RC=0
+    step "bench full grid" 230 "$OUTDIR/bench_svd_linear.log" \
+        "$PY" benchmarks/bench_svd_linear.py --out "$OUTDIR" --warmup 10 --rep 40
+    if ((LAST_RC == 124 || LAST_RC == 137)); then
+        note "bench full grid: INCOMPLETE (cut by the deadline; the rows measured so far are in gpu_svd_linear.csv)"
+    elif ((LAST_RC != 0)); then
+        FAILED=1
+    fi
+fi
+if want kernel_tests && ((KERNEL_TESTS_LAST == 1)); then kernel_tests; fi
 
 # ---- summary ------------------------------------------------------------------------------------
 goal() {
