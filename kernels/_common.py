@@ -7,6 +7,9 @@ Jit helpers (inlined into the kernels that call them):
 - :func:`adapter_lambda`: ``E * scaling / (ranknum + 1e-5)`` for a block of ranks, read on the device
   (no host sync on ``ranknum``).
 
+- :func:`dot_split_rhs` / :func:`dot_split_lhs`: near-IEEE dots of fp16/bf16 activations with an
+  fp32 operand in two TF32 tensor-core products (see :func:`dot_precision`).
+
 Host helpers: whether Triton runs in its interpreter, rank padding for ``tl.dot`` and the dot input
 precision that matches PyTorch's numerics for each dtype.
 """
@@ -61,17 +64,60 @@ def rank_pad(r: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(max(r, 1)))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """Input precision of dots with an fp32 operand, given the activations' dtype.
+def dot_precision(x_dtype: torch.dtype, other_dtype: torch.dtype = torch.float32) -> str:
+    """Input precision of a dot of activations (``x_dtype``) with an operand of ``other_dtype``.
 
-    IEEE for fp32 models (as PyTorch without TF32). On half-precision bases with fp32 adapters the
-    activations are exact in TF32 but the fp32 adapter factors and the fp32 low-rank intermediates
-    are not: plain TF32 rounds them to 2^-11 and left fp16 results about 1e-3 off the float64
-    reference on the H100 (PEFT computes this path in fp32). ``tf32x3`` splits each fp32 operand into
-    two TF32 parts (three tensor-core products), near-IEEE accuracy at a small cost on these
-    rank-sized dots. For dots whose operands are all fp16/bf16 the setting is unused.
+    - fp32 activations: "ieee" (as PyTorch without TF32).
+    - fp16/bf16 activations with an fp32 operand (adapter factors, fp32 low-rank intermediates):
+      "tf32_split", this package's scheme for :func:`dot_split_rhs` / :func:`dot_split_lhs`. The
+      activations are exact in TF32; the fp32 operand is split into a TF32 head and tail, two TF32
+      products: near-IEEE accuracy (PEFT computes this path in fp32). Plain TF32 left fp16 results
+      about 1e-3 off float64 on the H100; Triton's "tf32x3" also splits the exact operand, and the
+      extra tile made the rank-16 x_at / xt_s tiles spill (sm_90 compile check).
+    - both operands fp16/bf16: "tf32" (unused by tl.dot for half operands, but a valid value).
     """
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32x3"
+    if x_dtype in (torch.float32, torch.float64):
+        return "ieee"
+    return "tf32_split" if other_dtype == torch.float32 else "tf32"
+
+
+def fp32_pair_precision(x_dtype: torch.dtype) -> str:
+    """Input precision of a dot of two fp32 intermediates on a model of ``x_dtype`` activations:
+    "ieee" for fp32 models, "tf32x3" (three TF32 products, near-IEEE) on half-precision bases."""
+    return "ieee" if x_dtype in (torch.float32, torch.float64) else "tf32x3"
+
+
+@triton.jit
+def _tf32_head(v):
+    """``v`` (fp32) rounded to TF32's 10 mantissa bits (to nearest, ties away from zero); ``v`` minus
+    it is exact in fp32 and at most 2^-11 |v|."""
+    bits = v.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot_split_rhs(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b`` for fp32 ``b``; with PREC "tf32_split" ``a`` must be exact in TF32 (fp16/bf16
+    values): ``b = head + tail``, two TF32 products, error ~2^-22 relative instead of TF32's 2^-11."""
+    if PREC == "tf32_split":
+        head = _tf32_head(b)
+        acc = tl.dot(a, head, acc, input_precision="tf32")
+        acc = tl.dot(a, b - head, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def dot_split_lhs(a, b, acc, PREC: tl.constexpr):
+    """:func:`dot_split_rhs` with the roles swapped: fp32 ``a`` is split, ``b`` must be exact in TF32."""
+    if PREC == "tf32_split":
+        head = _tf32_head(a)
+        acc = tl.dot(head, b, acc, input_precision="tf32")
+        acc = tl.dot(a - head, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
 
 
 @cache

@@ -299,10 +299,11 @@ def _forward_impl(
     norms = torch.empty(tab.n, device=device, dtype=torch.float32)
     unit = torch.empty(tab.n, tab.r_max, tab.r_max, device=device, dtype=torch.float32)
     upcast = INTERPRET and dtype == torch.bfloat16
+    prec = dot_precision(torch.float32 if upcast else dtype, dtype)  # both operands are the factors
     with device_guard(lora_As[0]):
         _gram_defect_kernel[(tab.n,)](
             tab.table, unit, norms, tab.r_max,
-            DTYPE=_TL_DTYPES[dtype], UPCAST=upcast, PREC=dot_precision(torch.float32 if upcast else dtype),
+            DTYPE=_TL_DTYPES[dtype], UPCAST=upcast, PREC=prec,
             COLS=TABLE_COLUMNS, R_PAD=tab.r_pad, BLOCK_L=_block_l(tab.r_pad, backward=False),
             num_warps=_num_warps(tab.r_pad), num_stages=3,
         )  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_RANK, check_seed, dot_precision, dropout_keep, rank_pad
+from ._common import INTERPRET, MAX_RANK, check_seed, dot_precision, dot_split_rhs, dropout_keep, rank_pad
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _x_at_kernel(
         if DROPOUT:
             keep = dropout_keep(seed, offs_m, k0 * BLOCK_K, p_drop, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0).to(a_t.dtype)
-        acc = tl.dot(x, a_t, acc, input_precision=PREC)
+        acc = dot_split_rhs(x, a_t, acc, PREC)
     out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out_ptrs, acc, mask=m_mask[:, None] & (offs_r[None, :] < R))
 
@@ -85,15 +85,15 @@ def x_at(
         block_m, block_k, warps = 64, 64, 4
     elif dot_precision(x.dtype) == "ieee":
         block_m, block_k, warps = 32, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
-    else:
-        block_m, block_k, warps = (64, 64, 8) if r_pad >= 64 else (64, 128, 4)
+    else:  # 64 x 128 / 4 warps spilled on sm_90 with the split fp32 operand (two TF32 products)
+        block_m, block_k, warps = 64, 64, 8
     grid = (triton.cdiv(M, block_m),)
     _x_at_kernel[grid](
         x, a, seed if dropout else out, out,
         M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         float(dropout_p),
-        DROPOUT=dropout, PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        DROPOUT=dropout, PREC=dot_precision(x.dtype, a.dtype), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=warps, num_stages=3,
     )  # fmt: skip
     return out

@@ -20,6 +20,7 @@ from ._common import (
     adapter_lambda,
     check_seed,
     dot_precision,
+    dot_split_lhs,
     dropout_keep,
     rank_pad,
     target_programs,
@@ -62,7 +63,7 @@ def _xt_s_kernel(
         if DROPOUT:
             keep = dropout_keep(seed, offs_m, pid_c * BLOCK_C, p_drop, BLOCK_M, BLOCK_C)
             x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0)
-        acc = tl.dot(s_t, x, acc, input_precision=PREC)
+        acc = dot_split_lhs(s_t, x, acc, PREC)
     lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling)
     acc = acc * lam[:, None]
     out_ptrs = out_ptr + split * stride_osplit + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
@@ -96,7 +97,10 @@ def xt_s(
     elif dot_precision(x.dtype) == "ieee":
         block_c, block_m, warps = 64, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
     else:
-        block_c, block_m, warps = (64 if r_pad > 32 else 128), 64, 4
+        # (BLOCK_C, BLOCK_M, warps) without spills on sm_90 with the split fp32 operand (two TF32
+        # products), dropout or not (ptxas resource check)
+        tiles = {16: (128, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8)}
+        block_c, block_m, warps = tiles[r_pad]
     c_blocks = triton.cdiv(C, block_c)
     m_blocks = triton.cdiv(M, block_m)
     splits = max(1, min(m_blocks, triton.cdiv(target_programs(x.device), c_blocks)))

@@ -27,7 +27,9 @@ from ._common import (
     adapter_lambda,
     check_seed,
     dot_precision,
+    dot_split_rhs,
     dropout_keep,
+    fp32_pair_precision,
     rank_pad,
 )
 
@@ -91,7 +93,8 @@ def _xw_plus_sb_kernel(
     stride_br, stride_bn, stride_e, stride_om, stride_on,
     scaling, p_drop,
     HAS_BIAS: tl.constexpr, SHRINK_IN_GEMM: tl.constexpr, DROPOUT: tl.constexpr,
-    MAIN_PREC: tl.constexpr, LOW_PREC: tl.constexpr, R_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
+    MAIN_PREC: tl.constexpr, SHRINK_PREC: tl.constexpr, LOW_PREC: tl.constexpr, R_PAD: tl.constexpr,
+    R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Grouped launch order: GROUP_M row tiles share each column band of W while it is in L2.
@@ -127,7 +130,7 @@ def _xw_plus_sb_kernel(
             w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             acc = tl.dot(x, w, acc, input_precision=MAIN_PREC)
             a_t = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & (offs_rp[None, :] < R), other=0.0)
-            acc_s = tl.dot(x.to(a_t.dtype), a_t, acc_s, input_precision=LOW_PREC)
+            acc_s = dot_split_rhs(x.to(a_t.dtype), a_t, acc_s, SHRINK_PREC)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
             a_ptrs += BLOCK_K * stride_ak
@@ -232,7 +235,8 @@ def xw_plus_sb(
         out.stride(0), out.stride(1),
         float(scaling), float(dropout_p),
         HAS_BIAS=bias is not None, SHRINK_IN_GEMM=s is None, DROPOUT=dropout_p > 0.0,
-        MAIN_PREC=dot_precision(x.dtype), LOW_PREC=dot_precision(x.dtype), R_PAD=r_pad,
+        MAIN_PREC=dot_precision(x.dtype, x.dtype), SHRINK_PREC=dot_precision(x.dtype, a.dtype),
+        LOW_PREC=fp32_pair_precision(x.dtype), R_PAD=r_pad,
         R_BLOCK=min(r_pad, 32),
     )  # fmt: skip
     return out
