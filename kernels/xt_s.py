@@ -62,8 +62,10 @@ def _xt_s_kernel(
         ).to(tl.float32)
         if DROPOUT:
             keep = dropout_keep(seed, offs_m, pid_c * BLOCK_C, p_drop, BLOCK_M, BLOCK_C)
-            x = tl.where(keep, x * (1.0 / (1.0 - p_drop)), 0.0)
+            x = tl.where(keep, x, 0.0)  # 1/(1-p) on the result: x stays exact in TF32 (see x_at)
         acc = dot_split_lhs(s_t, x, acc, PREC)
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - p_drop))
     lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling)
     acc = acc * lam[:, None]
     out_ptrs = out_ptr + split * stride_osplit + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
