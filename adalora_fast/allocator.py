@@ -23,6 +23,7 @@ their kept ranks; the scorer is then a bookkeeping-only :class:`ReferenceScorer`
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -33,6 +34,11 @@ from . import dispatch
 from .compaction import compact_layers_
 from .layer import expand_pattern
 from .reference import ReferenceRankAllocator, budget_schedule, grads_finite, kth_smallest
+
+# Unbound accessors for C-level ``map`` over one tensor per layer (Python loops there cost ~1 ms a
+# call at 224 layers).
+_data_ptr = torch.Tensor.data_ptr
+_shape = operator.attrgetter("shape")
 
 if TYPE_CHECKING:
     from .config import AdaLoraConfig
@@ -65,6 +71,9 @@ class FlatScorer:
     def __init__(self, layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int):
         self.names = [n for n, _ in layers]
         self.layers = [m for _, m in layers]
+        # The modules' own parameter dicts: a dict lookup per parameter instead of
+        # Module.__getattr__, which was the largest host cost of a call at 224 layers.
+        self._pdicts = [m._parameters for m in self.layers]
         ranks = {m.lora_A.shape[0] for m in self.layers}
         if len(ranks) != 1:
             raise ValueError("FlatScorer needs one rank for all layers")
@@ -105,18 +114,16 @@ class FlatScorer:
     def bind(self) -> None:
         """Make every ``lora_E`` a view of one (M, r) buffer; re-done only when a pointer changed
         (``model.to()``, ``load_state_dict(assign=True)``, ``.data`` replaced)."""
-        params = [x.lora_E for x in self.layers]
-        changed = [n for n, p in zip(self.names, params, strict=True) if tuple(p.shape) != (self.r, 1)]
-        if changed:
+        params = self._kind_params("lora_E")
+        if not all(map((self.r, 1).__eq__, map(_shape, params))):  # C-level loop: runs every call
+            changed = [n for n, p in zip(self.names, params, strict=True) if p.shape != (self.r, 1)]
             raise RuntimeError(
                 f"{changed[0]}.lora_E has shape {tuple(params[self.names.index(changed[0])].shape)}, this "
                 f"scorer was built for rank {self.r}: the layers were resized (compact()?); rebuild the "
                 "allocator (model.build_allocator())"
             )
-        if self.flat_E is not None and all(
-            p.data_ptr() == ptr and p.device == self.flat_E.device and p.dtype == self.flat_E.dtype
-            for p, ptr in zip(params, self._E_ptrs, strict=True)
-        ):
+        # Same address as our row of flat_E means same storage, hence same device and dtype.
+        if self.flat_E is not None and list(map(_data_ptr, params)) == self._E_ptrs:
             return
         self._rebinds += 1
         if self._rebinds > 3 and not self._warned_rebinds:
@@ -142,6 +149,10 @@ class FlatScorer:
         if self.ema_ipt is not None:
             self.ema_ipt = {k: v.to(device) for k, v in self.ema_ipt.items()}
             self.ema_unc = {k: v.to(device) for k, v in self.ema_unc.items()}
+
+    def _kind_params(self, kind: str) -> list[torch.Tensor]:
+        """Every layer's ``kind`` parameter (``lora_A``, ``lora_E`` or ``lora_B``), in layer order."""
+        return [d[kind] for d in self._pdicts]
 
     @staticmethod
     def _inverse(order: list[int]) -> list[int]:
@@ -177,7 +188,7 @@ class FlatScorer:
     def _cat(self, kind: str, idx: Sequence[int], grads: bool) -> torch.Tensor:
         """``kind``'s weights (or gradients) of layers ``idx``, concatenated in the flat layout."""
         dim = 0 if kind == "lora_B" else 1
-        params = [getattr(self.layers[i], kind) for i in idx]
+        params = [self._pdicts[i][kind] for i in idx]
         if grads:
             params = [self._grad(self.names[i], kind, p) for i, p in zip(idx, params, strict=True)]
         return torch.cat(params, dim=dim)

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import dispatch
-from .allocator import KINDS, FlatScorer
+from .allocator import KINDS, FlatScorer, _data_ptr
 from .kernels import importance_ema
 from .kernels._common import table_to_device
 
 if TYPE_CHECKING:
     from .layer import SVDLinear
+
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 class TritonScorer(FlatScorer):
@@ -41,8 +43,8 @@ class TritonScorer(FlatScorer):
         self._flat_ipt: torch.Tensor | None = None
         self._flat_unc: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
-        self._p_key: tuple[int, ...] | None = None
-        self._g_key: tuple[int, ...] | None = None
+        self._p_key: list[int] | None = None
+        self._g_key: list[int] | None = None
         super().__init__(layers, beta1, beta2, target_r)
         params = self._params()
         layout = importance_ema.layout_table(params, self.r)  # host tensor, built once
@@ -52,17 +54,18 @@ class TritonScorer(FlatScorer):
         self._flag = torch.zeros((), dtype=torch.int32, device=self.flat_E.device)
 
     def _params(self) -> list[torch.Tensor]:
-        return [getattr(m, kind) for kind in KINDS for m in self.layers]
+        return [p for kind in KINDS for p in self._kind_params(kind)]
 
-    def _grads(self) -> list[torch.Tensor]:
-        out = []
-        for kind in KINDS:
-            for name, m in zip(self.names, self.layers, strict=True):
-                g = self._grad(name, kind, getattr(m, kind))
-                if g.dtype != torch.float32 or not g.is_contiguous():
-                    raise RuntimeError(f"{name}.{kind}.grad must be contiguous float32 for the score kernels")
-                out.append(g)
-        return out
+    def _check(self, tensors: Sequence[torch.Tensor | None], what: str) -> None:
+        """Raise the clear error for the first parameter (``what`` "") or gradient (".grad") the score
+        kernels cannot read: missing, not float32, not contiguous."""
+        n = len(self.layers)
+        for j, t in enumerate(tensors):
+            name, kind = self.names[j % n], KINDS[j // n]
+            if t is None:
+                self._grad(name, kind, self._pdicts[j % n][kind])  # raises "... has no gradient"
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise RuntimeError(f"{name}.{kind}{what} must be contiguous float32 for the score kernels")
 
     def bind(self) -> None:
         # FlatScorer.bind moves dict EMAs; ours are flat buffers, moved below.
@@ -79,18 +82,30 @@ class TritonScorer(FlatScorer):
                 setattr(self, attr, t.to(device))
 
     def _param_table(self) -> torch.Tensor:
-        """Device table of the parameters' data pointers, rebuilt only when one changed."""
+        """Device table of the parameters' data pointers, rebuilt (and re-checked) only when one changed."""
         params = self._params()
-        key = tuple(p.data_ptr() for p in params)
+        key = list(map(_data_ptr, params))
         if key != self._p_key:
+            self._check(params, "")
             self._p_table = table_to_device(importance_ema.pointer_table(params), self.flat_E.device)
             self._p_key = key
         return self._p_table
 
     def _grad_table(self) -> torch.Tensor:
-        """Device table of the gradients' data pointers, rebuilt only when one changed."""
-        grads = self._grads()
-        key = tuple(g.data_ptr() for g in grads)
+        """Device table of the gradients' data pointers, rebuilt only when one changed.
+
+        Autograd keeps each gradient's dtype and shape equal to its parameter's (checked float32 and
+        contiguous with the parameter table), so per call only presence and contiguity are checked,
+        with C-level maps: this runs for every adapted matrix on every step.
+        """
+        grads = [p.grad for p in self._params()]
+        try:
+            key = list(map(_data_ptr, grads))  # TypeError on a missing gradient
+            ok = all(map(_is_contiguous, grads))
+        except TypeError:
+            ok = False
+        if not ok:
+            self._check(grads, ".grad")
         if key != self._g_key:
             self._g_table = table_to_device(importance_ema.pointer_table(grads), self.flat_E.device)
             self._g_key = key
