@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, dropout_keep
+from ._common import cdiv, device_guard, dropout_keep
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
         raise ValueError(f"dropout_mask: seed must be one int64 element, got {seed.dtype} {list(seed.shape)}")
     out = torch.empty(M, K, device=seed.device, dtype=torch.int8)
     if M and K:
-        grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+        grid = (cdiv(M, 32), cdiv(K, 32))
         with device_guard(out):
             _dropout_mask_kernel[grid](seed, out, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
     return out.bool()

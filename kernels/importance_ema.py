@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, device_guard, rank_pad
+from ._common import INTERPRET, device_guard, next_pow2, rank_pad
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # jit code reads only constexpr globals
 LAYOUT_COLUMNS = 4  # ema_offset, length, stride_rank, stride_pos
@@ -148,7 +148,7 @@ def importance_scores_(
     _check_tables(p_table, g_table, layout, M)
     if ema_ipt.dtype != torch.float32 or ema_unc.dtype != torch.float32:
         raise ValueError("importance_ema: EMA buffers must be float32")
-    splits = triton.next_power_of_2(max(1, splits))
+    splits = next_pow2(max(1, splits))
     r_pad = rank_pad(r)
     partial = torch.empty(3 * M, splits, r_pad, device=ema_ipt.device, dtype=torch.float32)
     out = torch.empty(M, r, device=ema_ipt.device, dtype=torch.float32)

@@ -12,7 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_RANK, check_seed, dot_precision, dot_split_rhs, dropout_keep, rank_pad
+from ._common import (
+    INTERPRET,
+    MAX_RANK,
+    cdiv,
+    check_seed,
+    dot_precision,
+    dot_split_rhs,
+    dropout_keep,
+    rank_pad,
+)
 
 
 @triton.jit
@@ -91,7 +100,7 @@ def x_at(
         block_m, block_k, warps = 32, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
     else:  # 64 x 128 / 4 warps spilled on sm_90 with the split fp32 operand (two TF32 products)
         block_m, block_k, warps = 64, 64, 8
-    grid = (triton.cdiv(M, block_m),)
+    grid = (cdiv(M, block_m),)
     _x_at_kernel[grid](
         x, a, seed if dropout else out, out,
         M, K, R,

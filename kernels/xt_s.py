@@ -18,6 +18,7 @@ from ._common import (
     INTERPRET,
     MAX_RANK,
     adapter_lambda,
+    cdiv,
     check_seed,
     dot_precision,
     dot_split_lhs,
@@ -103,11 +104,11 @@ def xt_s(
         # products), dropout or not (ptxas resource check)
         tiles = {16: (128, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8)}
         block_c, block_m, warps = tiles[r_pad]
-    c_blocks = triton.cdiv(C, block_c)
-    m_blocks = triton.cdiv(M, block_m)
-    splits = max(1, min(m_blocks, triton.cdiv(target_programs(x.device), c_blocks)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    c_blocks = cdiv(C, block_c)
+    m_blocks = cdiv(M, block_m)
+    splits = max(1, min(m_blocks, cdiv(target_programs(x.device), c_blocks)))
+    rows_per_split = cdiv(m_blocks, splits) * block_m
+    splits = cdiv(M, rows_per_split)
     partial = torch.empty(splits, R, C, device=x.device, dtype=torch.float32)
     _xt_s_kernel[(c_blocks, splits)](
         x, s, lora_E, ranknum, seed if seed is not None else partial, partial,

@@ -25,11 +25,13 @@ from ._common import (
     INTERPRET,
     MAX_RANK,
     adapter_lambda,
+    cdiv,
     check_seed,
     dot_precision,
     dot_split_rhs,
     dropout_keep,
     fp32_pair_precision,
+    next_pow2,
     rank_pad,
 )
 
@@ -232,11 +234,11 @@ def xw_plus_sb(
     r_pad = rank_pad(R)
     a = a_rk if s is None else b_rn  # placeholders keep pointer arguments valid
     s_arg = s if s is not None else out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _xw_plus_sb_kernel[grid](
         x, w_kn, bias if bias is not None else out, s_arg, a, b_rn, lora_E, ranknum,
         seed if seed is not None else out, out,
-        M, N, K, R, triton.next_power_of_2(M),
+        M, N, K, R, next_pow2(M),
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), s_arg.stride(0), s_arg.stride(1),
         a.stride(0), a.stride(1), b_rn.stride(0), b_rn.stride(1), lora_E.stride(0),
         out.stride(0), out.stride(1),

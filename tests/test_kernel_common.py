@@ -50,3 +50,11 @@ def test_tf32_head_is_tf32_and_close(device):
 def test_dot_precision(x_dtype, other, expected):
     assert common.dot_precision(x_dtype, other) == expected
     assert common.fp32_pair_precision(x_dtype) == ("ieee" if x_dtype == torch.float32 else "tf32x3")
+
+
+def test_host_cdiv_and_next_pow2_match_triton():
+    for a in range(1, 2100):
+        assert common.next_pow2(a) == triton.next_power_of_2(a), a
+        for b in (1, 3, 16, 64):
+            assert common.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    assert common.cdiv(0, 16) == 0 and common.next_pow2(0) == 1
