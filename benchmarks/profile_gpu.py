@@ -100,6 +100,31 @@ def kernel_table(fn: Callable[[], Any], calls: int = 5, top: int = 14) -> float:
     return total / 1e3
 
 
+def host_table(fn: Callable[[], Any], calls: int = 50, top: int = 15) -> float:
+    """Median host time of ``fn()`` (ms): the time to enqueue its work, the device not awaited
+    (synchronised every 10 calls so the launch queue never fills). Then cProfile's ``top`` functions
+    by own time over ``calls`` calls: where the Python and launch overhead goes."""
+    import cProfile
+    import pstats
+    import statistics
+    import time
+
+    times = []
+    for i in range(calls):
+        if i % 10 == 0 and DEVICE == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    if top:
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [fn() for _ in range(calls)])
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    return statistics.median(times) * 1e3
+
+
 # ---- svd_linear ---------------------------------------------------------------------------------
 def profile_svd_linear(rows: Rows, d_in: int, d_out: int, tokens: int, r: int) -> None:
     from adalora_fast.kernels.x_at import x_at
@@ -186,6 +211,9 @@ def profile_svd_linear(rows: Rows, d_in: int, d_out: int, tokens: int, r: int) -
     rows.add(sec, "profiler fused fwd+bwd device total", kernel_table(fused_fwd_bwd))
     print("\n  base fwd+bwd, CUDA time per kernel:")
     rows.add(sec, "profiler base fwd+bwd device total", kernel_table(base_fwd_bwd, top=5))
+    print("\n  fused fwd+bwd, host side:")
+    rows.add(sec, "host fused fwd+bwd (enqueue time)", host_table(fused_fwd_bwd))
+    rows.add(sec, "host base fwd+bwd (enqueue time)", host_table(base_fwd_bwd, top=0))
 
 
 # ---- orth_reg and update_and_allocate -----------------------------------------------------------
@@ -212,6 +240,7 @@ def profile_orth_reg(rows: Rows) -> None:
         rows.time(sec, f"{backend} fwd+bwd wall (do_bench)", step(backend))
         print(f"\n  {backend} fwd+bwd, CUDA time per kernel:")
         rows.add(sec, f"{backend} fwd+bwd device total", kernel_table(step(backend)))
+        rows.add(sec, f"{backend} fwd+bwd host (enqueue time)", host_table(step(backend), calls=20, top=0))
     with torch.no_grad():
         rows.time(sec, "triton fwd only, no autograd", lambda: af.orth_regularization(As, Bs, "triton"))
 
@@ -232,6 +261,8 @@ def profile_allocator(rows: Rows) -> None:
         rows.time(sec, f"{provider} wall (do_bench)", ours)
         print(f"\n  {provider}, CUDA time per kernel:")
         rows.add(sec, f"{provider} device total", kernel_table(ours))
+        print(f"\n  {provider}, host side:")
+        rows.add(sec, f"{provider} host (enqueue time)", host_table(ours, calls=20, top=12))
         del ours
         free_memory()
 
