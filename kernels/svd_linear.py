@@ -53,6 +53,12 @@ def svd_linear_fwd(
     fan_in_fan_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, S): the layer output for 2-D x and the saved shrink ``S = drop(x) Q^T`` (fp32)."""
+    return _forward_impl(
+        x, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out
+    )
+
+
+def _forward_impl(x, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out):
     with device_guard(x):
         s = x_at(x, lora_A, seed=seed, dropout_p=dropout_p)
         y = xw_plus_sb(x, _w_kn(weight, fan_in_fan_out), bias, s, lora_B.t(), lora_E, ranknum, scaling)
@@ -79,6 +85,10 @@ def svd_linear_infer(
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
     """Forward only, one kernel, nothing saved (no dropout: inference)."""
+    return _infer_impl(x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, fan_in_fan_out)
+
+
+def _infer_impl(x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, fan_in_fan_out):
     with device_guard(x):
         w_kn = _w_kn(weight, fan_in_fan_out)
         return xw_plus_sb(x, w_kn, bias, None, lora_B.t(), lora_E, ranknum, scaling, a_rk=lora_A)
@@ -160,9 +170,19 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, dy: torch.Tensor, _ds: torch.Tensor | None):
+    return _input_grads(ctx, dy, svd_linear_bwd)
+
+
+def _backward_guarded(dy, x, weight, *rest):
+    with device_guard(x):
+        return _backward_impl(dy, x, weight, *rest)
+
+
+def _input_grads(ctx, dy: torch.Tensor, backward_fn) -> tuple:
+    """The gradients of the forward's 11 inputs from ``backward_fn`` (the custom op or its body)."""
     x, weight, lora_A, lora_E, lora_B, ranknum, s, seed = ctx.saved_tensors
     need_x, _, need_bias, need_A, need_E, need_B = ctx.needs_input_grad[:6]
-    dx, dA, dE, dB = svd_linear_bwd(
+    dx, dA, dE, dB = backward_fn(
         dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed,
         ctx.dropout_p, ctx.scaling, ctx.fan_in_fan_out, need_x, need_A, need_E, need_B,
     )  # fmt: skip
@@ -179,6 +199,23 @@ def _backward(ctx, dy: torch.Tensor, _ds: torch.Tensor | None):
 
 
 svd_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SVDLinearFn(torch.autograd.Function):
+    """The eager path: the custom ops' kernels and gradients without the custom-op dispatcher
+    (default filling, redispatch, dynamo-disable wrappers), which cost more host time per call than
+    our own launch code (profiled on the CPU with the kernels stubbed). ``torch.compile`` traces the
+    custom ops instead (see :func:`svd_linear`). Inputs as ``svd_linear_fwd``'s."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # type: ignore[override]
+        y, s = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, (y, s))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        return _input_grads(ctx, dy, _backward_guarded)
 
 
 # ---- public entry point -------------------------------------------------------------------------
@@ -243,8 +280,10 @@ def svd_linear(
     x2 = x.reshape(-1, x.shape[-1])
     params = (x, lora_A, lora_E, lora_B) + ((bias,) if bias is not None else ())
     needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    traced = torch.compiler.is_compiling()  # the custom ops for torch.compile; the same kernels eagerly
     if not needs_graph and dropout_p == 0.0:
-        y = svd_linear_infer(x2, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, fan_in_fan_out)
+        infer = svd_linear_infer if traced else _infer_impl
+        y = infer(x2, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, fan_in_fan_out)
     else:
         if seed is None:
             # Without dropout the seed is never read: an uninitialised placeholder, no launch.
@@ -253,7 +292,6 @@ def svd_linear(
                 if dropout_p > 0.0
                 else torch.empty(1, dtype=torch.int64, device=x.device)
             )
-        y, _ = svd_linear_fwd(
-            x2, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out
-        )
+        args = (x2, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out)
+        y = svd_linear_fwd(*args)[0] if traced else _SVDLinearFn.apply(*args)
     return y.reshape(*lead, y.shape[-1])
