@@ -8,8 +8,11 @@ and checks each global it names.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 import pkgutil
+import textwrap
 import types
 
 import pytest
@@ -54,21 +57,36 @@ def test_the_walk_finds_the_kernels():
     assert {"importance_ema._nonfinite_kernel", "orth_defect._defect_grad_kernel"} <= names
 
 
+def global_reads(fn: types.FunctionType) -> set[str]:
+    """Names the function's body reads as bare names (``x``, not the attribute in ``tl.x``) that are
+    not its own arguments or locals: the globals it reads."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    func = tree.body[0]
+    local = {a.arg for a in func.args.args + func.args.kwonlyargs}
+    loads = set()
+    body = ast.Module(body=func.body, type_ignores=[])  # not the decorators: they run on the host
+    for node in ast.walk(body):
+        if isinstance(node, ast.Name):
+            (local if isinstance(node.ctx, ast.Store) else loads).add(node.id)
+    return loads - local
+
+
 @pytest.mark.parametrize("name,fn", jit_functions(), ids=[n for n, _ in jit_functions()])
 def test_jit_functions_read_only_constexpr_globals(name, fn):
     bad = {
         g: type(fn.__globals__[g]).__name__
-        for g in fn.__code__.co_names
+        for g in global_reads(fn)
         if g in fn.__globals__ and not _allowed(fn.__globals__[g])
     }
     assert not bad, f"{name} reads non-constexpr globals {bad}; wrap them in tl.constexpr(...)"
 
 
-def test_the_check_catches_a_plain_float():
-    limit = 3.4e38
+def _kernel_like(x):
+    return tl.cdiv(x, 2) <= LIMIT  # noqa: F821
 
-    def kernel(x):
-        return x <= LIMIT  # noqa: F821
 
-    fn = types.FunctionType(kernel.__code__, {"LIMIT": limit, "triton": triton})
+def test_the_check_catches_a_plain_float_and_not_attributes():
+    fn = types.FunctionType(_kernel_like.__code__, {"LIMIT": 3.4e38, "cdiv": max, "tl": tl, "triton": triton})
+    reads = global_reads(fn)
+    assert "LIMIT" in reads and "tl" in reads and "cdiv" not in reads  # tl.cdiv is an attribute
     assert not _allowed(fn.__globals__["LIMIT"])
