@@ -163,6 +163,11 @@ def profile_svd_linear(rows: Rows, d_in: int, d_out: int, tokens: int, r: int) -
     rows.time(sec, "xt_s  dA = (G lam)^T x", lambda: xt_s(x, gm, E, ranknum, scaling))
     rows.time(sec, "xt_s  dB^T = (S lam)^T dy", lambda: xt_s(dy, s, E, ranknum, scaling))
     rows.time(sec, "torch dE = sum(G * S)", lambda: (gm * s).sum(0))
+    # x_at's grid has only M / BLOCK_M programs (128 at 8,192 tokens): a tile sweep for the next change
+    for tiles in ((64, 64, 8), (32, 64, 4), (16, 64, 4), (32, 128, 4), (16, 128, 4), (128, 64, 8)):
+        name = "x".join(map(str, tiles[:2])) + f"/{tiles[2]}w"
+        rows.time(sec, f"x_at  S = x A^T, tiles {name}", lambda t=tiles: x_at(x, A, tiles=t))
+        rows.time(sec, f"x_at  G = dy B, tiles {name}", lambda t=tiles: x_at(dy, B.t(), tiles=t))
     # the cuBLAS + low-rank alternative, piece by piece and as one composite
     t = ((s * lam) @ B.t()).to(dt)
     u = ((gm * lam) @ A).to(dt)

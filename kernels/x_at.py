@@ -81,9 +81,17 @@ def _check(x: torch.Tensor, a: torch.Tensor) -> None:
 
 
 def x_at(
-    x: torch.Tensor, a: torch.Tensor, *, seed: torch.Tensor | None = None, dropout_p: float = 0.0
+    x: torch.Tensor,
+    a: torch.Tensor,
+    *,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """``drop(x) @ a.T`` in fp32, shape (M, R); ``seed`` (int64 device scalar) is needed when p > 0."""
+    """``drop(x) @ a.T`` in fp32, shape (M, R); ``seed`` (int64 device scalar) is needed when p > 0.
+
+    ``tiles`` = (BLOCK_M, BLOCK_K, warps) overrides the tile choice (benchmarks/profile_gpu.py's sweep).
+    """
     _check(x, a)
     M, K = x.shape
     R = a.shape[0]
@@ -100,6 +108,8 @@ def x_at(
         block_m, block_k, warps = 32, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
     else:  # 64 x 128 / 4 warps spilled on sm_90 with the split fp32 operand (two TF32 products)
         block_m, block_k, warps = 64, 64, 8
+    if tiles is not None:
+        block_m, block_k, warps = tiles
     grid = (cdiv(M, block_m),)
     _x_at_kernel[grid](
         x, a, seed if dropout else out, out,

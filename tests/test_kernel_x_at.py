@@ -36,6 +36,18 @@ def test_x_at_dy_times_b(device):
     assert max_rel_err(x_at_mod.x_at(dy, P.t()), dy.double() @ P.double()) <= 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiles", [(16, 64, 4), (32, 128, 4), (128, 64, 8)])
+def test_x_at_tile_override(device, tiles, poison_empty):
+    """The tile sweep of benchmarks/profile_gpu.py computes the same thing (dropout included)."""
+    x = torch.randn(150, 100, device=device).to(torch.float16)
+    a = torch.randn(12, 100, device=device)
+    seed = torch.tensor([5], device=device)
+    out = x_at_mod.x_at(x, a, seed=seed, dropout_p=0.3, tiles=tiles)
+    keep = dropout_mask(seed, 150, 100, 0.3)
+    assert max_rel_err(out, x_at_mod.x_at_reference(x, a, keep, 0.3)) <= 1e-5
+
+
 def test_x_at_errors():
     with pytest.raises(ValueError, match="features"):
         x_at_mod.x_at(torch.randn(3, 4), torch.randn(2, 5))
