@@ -6,6 +6,8 @@ frozen ``ranknum``), without PEFT's per-adapter ``.default`` level: one adapter 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -128,6 +130,42 @@ class SVDLinear(nn.Module):
         """dW in the base weight's layout (transposed for Conv1D), in the adapter dtype."""
         dw = delta_weight(self.lora_A, self.lora_E, self.lora_B, self.scaling, self.ranknum)
         return dw.T if self.fan_in_fan_out else dw
+
+    @torch.no_grad()
+    def merge(self, exact_unmerge: bool = True) -> None:
+        """Fold the update into the base weight: ``W <- cast(W + dW)``, summed in fp32 (fp64 for fp64
+        weights or adapters) and cast once to W's dtype; the forward then runs the base layer alone.
+
+        ``exact_unmerge=True`` keeps a copy of the original W (one weight's memory per layer, W's
+        dtype, in a non-persistent buffer: not saved, moved with the module) so that :meth:`unmerge`
+        restores it bit for bit. With ``False`` nothing is kept and :meth:`unmerge` subtracts dW
+        again, which leaves W within one rounding of its dtype of the original. A merged layer gets no
+        adapter gradients: unmerge before training again.
+        """
+        if self.merged:
+            warnings.warn("SVDLinear.merge: already merged; nothing done", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        if exact_unmerge:
+            self.register_buffer("unmerged_weight", weight.detach().clone(), persistent=False)
+        weight.copy_(self._merge_sum(weight, +1.0))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: the saved original weight back (bitwise), or ``W - dW`` without one."""
+        if not self.merged:
+            warnings.warn("SVDLinear.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        saved = self._buffers.pop("unmerged_weight", None)
+        weight.copy_(saved if saved is not None else self._merge_sum(weight, -1.0))
+        self.merged = False
+
+    def _merge_sum(self, weight: torch.Tensor, sign: float) -> torch.Tensor:
+        delta = self.get_delta_weight()
+        acc = torch.promote_types(torch.promote_types(torch.float32, weight.dtype), delta.dtype)
+        return (weight.to(acc) + sign * delta.to(device=weight.device, dtype=acc)).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -176,15 +176,35 @@ class AdaLoraModel(nn.Module):
 
         return load_pretrained(cls, model, path, is_trainable=is_trainable, backend=backend)
 
+    def merge(self, exact_unmerge: bool = True) -> None:
+        """Fold every layer's update into its base weight (:meth:`SVDLinear.merge`): inference then
+        runs at the base model's cost. ``exact_unmerge=True`` keeps each original weight (the base
+        model's adapted weights once more in memory) so that :meth:`unmerge` restores them bit for
+        bit; ``False`` keeps nothing (unmerge then subtracts the update, exact to the weights'
+        rounding). Already merged layers are left alone."""
+        for _, layer in self.adapted_layers:
+            if not layer.merged:
+                layer.merge(exact_unmerge=exact_unmerge)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` on every merged layer (see :meth:`SVDLinear.unmerge`)."""
+        for _, layer in self.adapted_layers:
+            if layer.merged:
+                layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        """Whether every adapted layer is merged (:meth:`merge`)."""
+        return bool(self.adapted_names) and all(layer.merged for _, layer in self.adapted_layers)
+
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
         """Fold every update into its base weight (computed in fp32, cast once) and return the plain
-        base model with the original module types."""
+        base model with the original module types. Layers already merged are not merged twice."""
         for name, layer in self.adapted_layers:
-            base = layer.base_layer
-            delta = layer.get_delta_weight().to(torch.float32)
-            base.weight.copy_((base.weight.to(torch.float32) + delta).to(base.weight.dtype))
-            _replace_module(self.model, name, base)
+            if not layer.merged:
+                layer.merge(exact_unmerge=False)
+            _replace_module(self.model, name, layer.base_layer)
         self.adapted_names = []
         self.rank_allocator = None
         return self.model
