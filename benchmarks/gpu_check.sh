@@ -10,11 +10,11 @@
 #   CHECK_STEPS="gpu_tests allocator profile kernel_tests" bash benchmarks/gpu_check.sh OUTDIR  # a subset
 #
 # Steps (CHECK_STEPS, in this order; default all): gpu_tests kernel_tests quick allocator orth_reg
-# profile grid. Tests run on 8 pytest-xdist workers when xdist is installed (compiles in parallel).
+# inference profile grid. Tests run on 8 pytest-xdist workers when xdist is installed (compiles in parallel).
 #
 # OUTDIR gets at most 8 files: env.txt (install log, nvidia-smi, versions), gpu_tests.log,
-# quick/bench_svd_linear.log (then its CSV rows), bench_allocator_orth_reg.log (both benchmarks'
-# output, then their CSV rows), profile_gpu.log (then its CSV rows), bench_svd_linear.log,
+# quick/bench_svd_linear.log (then its CSV rows), bench_more.log (the allocator, regulariser and
+# inference benchmarks' output, then their CSV rows), profile_gpu.log (then its CSV rows), bench_svd_linear.log,
 # gpu_svd_linear.csv, summary.txt. A step cut by its timeout gets SIGINT first, so pytest and the
 # benchmarks stop like Ctrl-C and still print what they have (failures so far, rows so far).
 # Every step runs under `timeout` against one deadline (CHECK_BUDGET_S, default 470 s from the start);
@@ -43,7 +43,7 @@ FAILED=0
 LAST_RC=0
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
-STEPS=" ${CHECK_STEPS:-gpu_tests kernel_tests quick allocator orth_reg profile grid} "
+STEPS=" ${CHECK_STEPS:-gpu_tests kernel_tests quick allocator orth_reg inference profile grid} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 
 # Seconds a step may run: its cap, or what is left before the deadline (minus a reserve for the summary).
@@ -174,7 +174,7 @@ if want quick; then
     fi
     rm -rf "$QUICK_CSV"
 fi
-XTRA_LOG="$OUTDIR/bench_allocator_orth_reg.log"
+XTRA_LOG="$OUTDIR/bench_more.log"
 XTRA_CSV=$(mktemp -d)
 : >"$XTRA_LOG"
 if want allocator; then
@@ -189,7 +189,12 @@ if want orth_reg; then
         "$PY" benchmarks/bench_orth_reg.py --out "$XTRA_CSV" --warmup 10 --rep 40
     ((LAST_RC == 0)) || FAILED=1
 fi
-for f in "$XTRA_CSV"/gpu_allocator.csv "$XTRA_CSV"/gpu_orth_reg.csv; do
+if want inference; then
+    LAST_RC=0
+    step "bench_inference" 60 "$XTRA_LOG" "$PY" benchmarks/bench_inference.py --out "$XTRA_CSV"
+    ((LAST_RC == 0)) || FAILED=1
+fi
+for f in "$XTRA_CSV"/gpu_allocator.csv "$XTRA_CSV"/gpu_orth_reg.csv "$XTRA_CSV"/gpu_inference.csv; do
     if [[ -f $f ]]; then
         { echo "=== $(basename "$f")"; cat "$f"; } >>"$XTRA_LOG"
     else
@@ -231,11 +236,11 @@ nfail() {
 }
 note "goal (quick, do_bench warmup 25 / rep 100 ms): $(goal "$OUTDIR/quick/bench_svd_linear.log")"
 note "goal (full grid, do_bench warmup 10 / rep 40 ms): $(goal "$OUTDIR/bench_svd_linear.log")"
-note "goal (update_and_allocate --quick): $(goal "$XTRA_LOG")"
+note "goals (update_and_allocate --quick, inference): $(grep '^GOAL' "$XTRA_LOG" 2>/dev/null | paste -sd ';' - || true)"
 if [[ -f $XTRA_LOG ]] && grep -q '^| fused |' "$XTRA_LOG"; then
     note "update_and_allocate / orth_reg fused rows: $(grep '^| fused |' "$XTRA_LOG" | tr -s ' ' | paste -sd ';' -)"
 fi
-note "benchmark measurement failures: quick $(nfail "$OUTDIR/quick/bench_svd_linear.log"), full $(nfail "$OUTDIR/bench_svd_linear.log"), allocator+orth_reg $(nfail "$XTRA_LOG")"
+note "benchmark measurement failures: quick $(nfail "$OUTDIR/quick/bench_svd_linear.log"), full $(nfail "$OUTDIR/bench_svd_linear.log"), allocator+orth_reg+inference $(nfail "$XTRA_LOG")"
 note "total $((SECONDS - START))s of the ${BUDGET}s budget"
 if ((FAILED)); then
     note "RESULT: FAILED (see the rc lines above and the logs)"
