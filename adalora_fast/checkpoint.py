@@ -70,6 +70,29 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+FACTORS = ("lora_A", "lora_E", "lora_B")
+
+
+def kept_factors(
+    model: AdaLoraModel, keep: dict[str, torch.Tensor] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"lora_A": (k, d_in), "lora_E": (k, 1), "lora_B": (d_out, k)}}``: CPU copies of the
+    kept ranks of every adapted layer (what a PEFT checkpoint holds; k may be 0). ``keep`` defaults to
+    the allocator's masks once it has masked; without masks every rank the layer holds is kept."""
+    if keep is None:
+        alloc = model.rank_allocator
+        keep = alloc.keep_mask() if alloc is not None and alloc.masked else {}
+    out = {}
+    for name, layer in model.adapted_layers:
+        tensors = {k: _cpu(getattr(layer, k)) for k in FACTORS}
+        if name in keep:
+            idx = keep[name].to("cpu", torch.bool)
+            tensors = {"lora_A": tensors["lora_A"][idx], "lora_E": tensors["lora_E"][idx],
+                       "lora_B": tensors["lora_B"][:, idx]}  # fmt: skip
+        out[name] = {k: t.contiguous() for k, t in tensors.items()}
+    return out
+
+
 def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,19 +102,10 @@ def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
     layers = model.adapted_layers
     pruned_layers = any(layer.r != layer.init_r for _, layer in layers)
 
-    weights: dict[str, torch.Tensor] = {}
-    full: dict[str, torch.Tensor] = {}
+    full = {f"{name}.{k}": _cpu(getattr(layer, k)) for name, layer in layers for k in FACTORS}
     rank_pattern = model.rank_pattern if (masked or pruned_layers) else None
-    for name, layer in layers:
-        tensors = {k: _cpu(getattr(layer, k)) for k in ("lora_A", "lora_E", "lora_B")}
-        for k, t in tensors.items():
-            full[f"{name}.{k}"] = t
-        if masked:
-            idx = keep[name].to("cpu", torch.bool)
-            tensors = {"lora_A": tensors["lora_A"][idx], "lora_E": tensors["lora_E"][idx],
-                       "lora_B": tensors["lora_B"][:, idx]}  # fmt: skip
-        for k, t in tensors.items():
-            weights[f"{PREFIX}{name}.{k}"] = t.contiguous()
+    kept = kept_factors(model, keep)
+    weights = {f"{PREFIX}{name}.{k}": t for name, tensors in kept.items() for k, t in tensors.items()}
 
     if model.adalora_config.total_step is None:
         warnings.warn(

@@ -176,6 +176,14 @@ class AdaLoraModel(nn.Module):
 
         return load_pretrained(cls, model, path, is_trainable=is_trainable, backend=backend)
 
+    def export_lora(self, path: str) -> dict[str, int]:
+        """Write the adapter as a standard PEFT LoRA adapter (kept ranks only, rank-0 modules left out,
+        alpha per module so that LoRA's alpha / r is AdaLoRA's scale) that
+        ``peft.PeftModel.from_pretrained`` loads with equal outputs; returns ``{module: rank}``."""
+        from .export import export_lora
+
+        return export_lora(self, path)
+
     def merge(self, exact_unmerge: bool = True) -> None:
         """Fold every layer's update into its base weight (:meth:`SVDLinear.merge`): inference then
         runs at the base model's cost. ``exact_unmerge=True`` keeps each original weight (the base
