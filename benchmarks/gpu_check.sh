@@ -240,6 +240,9 @@ note "goals (update_and_allocate --quick, inference): $(grep '^GOAL' "$XTRA_LOG"
 if [[ -f $XTRA_LOG ]] && grep -q '^| fused |' "$XTRA_LOG"; then
     note "update_and_allocate / orth_reg fused rows: $(grep '^| fused |' "$XTRA_LOG" | tr -s ' ' | paste -sd ';' -)"
 fi
+if [[ -f $OUTDIR/profile_gpu.log ]]; then
+    note "profile (device total / host enqueue / wall, us): $(grep -E '^  [a-z_]+ +.*(device total|enqueue time|wall)' "$OUTDIR/profile_gpu.log" | sed -E 's/^ +//; s/ {2,}/ /g' | paste -sd ';' -)"
+fi
 note "benchmark measurement failures: quick $(nfail "$OUTDIR/quick/bench_svd_linear.log"), full $(nfail "$OUTDIR/bench_svd_linear.log"), allocator+orth_reg+inference $(nfail "$XTRA_LOG")"
 note "total $((SECONDS - START))s of the ${BUDGET}s budget"
 if ((FAILED)); then
