@@ -23,17 +23,16 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, kept_factors
+from .reference import adapter_scale
 
 if TYPE_CHECKING:
     from .model import AdaLoraModel
-
-RANKNUM_EPS = 1e-5
 
 
 def _scale(layer) -> float:
     """The layer's AdaLoRA scale as the forward computes it (fp32 tensor arithmetic)."""
     ranknum = layer.ranknum.detach().to("cpu", torch.float32)
-    return float((layer.scaling / (ranknum + RANKNUM_EPS)).reshape(()))
+    return float(adapter_scale(layer.scaling, ranknum).reshape(()))
 
 
 def export_lora(model: AdaLoraModel, path: str | os.PathLike) -> dict[str, int]:

@@ -73,7 +73,7 @@ from harness import (
     GPU_ADAPTERS,
     LLAMA_PROJ,
     PEFT_ADAPTER,
-    RESULTS_DIR,
+    add_common_args,
     append_rows,
     describe_environment,
     force_compiled_triton,
@@ -562,15 +562,11 @@ def test_peft_matches_torch_cpu(cpu_init: Any) -> None:
 # ---- script mode --------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of the CSV (default: %(default)s)")
+    add_common_args(parser)
     parser.add_argument("--quick", action="store_true", help="fewer check steps and timed calls, same model")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--target-r", type=int, default=TARGET_R, help="target rank (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms (GPU)")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms (GPU)")
     parser.add_argument("--iters", type=int, help="round-robin rounds (CPU; default 30, 5 with --quick)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args(argv)
     if args.iters is None:
         args.iters = 5 if args.quick else 30

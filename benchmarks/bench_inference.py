@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from harness import (
     LLAMA_PROJ,
-    RESULTS_DIR,
+    add_common_args,
     append_rows,
     describe_environment,
     force_compiled_triton,
@@ -82,11 +82,9 @@ def forward_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of the CSV (default: %(default)s)")
+    add_common_args(parser)
     parser.add_argument("--quick", action="store_true", help="fewer timed rounds")
     parser.add_argument("--iters", type=int, help="CPU round-robin rounds (default 30; 5 with --quick)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         force_compiled_triton()
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if err > tol:
             failures.append(f"{p} differs from the unmerged adapter path: {err:.1e}")
     if cuda:
-        ms = {p: gpu_median_ms(fn, warmup=25, rep=100) for p, fn in fns.items()}
+        ms = {p: gpu_median_ms(fn, warmup=args.warmup, rep=args.rep) for p, fn in fns.items()}
     else:
         iters = args.iters or (5 if args.quick else 30)
         times = time_cpu_interleaved(fns, warmup=2, iters=iters)

@@ -45,7 +45,7 @@ from harness import (
     CPU_ADAPTERS,
     GPU_ADAPTERS,
     PEFT_ADAPTER,
-    RESULTS_DIR,
+    add_common_args,
     append_rows,
     describe_environment,
     force_compiled_triton,
@@ -297,13 +297,9 @@ def test_peft_matches_torch_cpu(cpu_adapters: Any) -> None:
 # ---- script mode --------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of the CSV (default: %(default)s)")
+    add_common_args(parser)
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms (GPU)")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms (GPU)")
     parser.add_argument("--iters", type=int, default=30, help="timed calls per provider (CPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     return parser.parse_args(argv)
 
 

@@ -45,7 +45,7 @@ import pytest
 import torch
 from harness import (
     MODES,
-    RESULTS_DIR,
+    add_common_args,
     append_rows,
     describe_environment,
     fmt_overhead,
@@ -506,7 +506,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of the CSV (default: %(default)s)")
+    add_common_args(parser)
     parser.add_argument(
         "--quick", action="store_true", help="the goal point only: 4096->4096, 8192 tokens, r 12"
     )
@@ -514,11 +514,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shapes", type=_shapes, help="GPU shapes as d_inxd_out,... (e.g. 4096x11008)")
     parser.add_argument("--tokens", type=_ints, help="GPU token counts, comma-separated")
     parser.add_argument("--ranks", type=_ints, help="GPU ranks, comma-separated")
-    parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms (GPU)")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms (GPU)")
     parser.add_argument("--iters", type=int, default=50, help="timed calls per provider and mode (CPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     return parser.parse_args(argv)
 
 

@@ -553,6 +553,16 @@ def force_compiled_triton() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
 
 
+def add_common_args(parser: Any) -> None:
+    """The options every benchmark script shares: ``--out``, ``--warmup`` / ``--rep`` (do_bench, GPU),
+    ``--threads`` and ``--no-csv``."""
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder of the CSV (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms (GPU)")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms (GPU)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
+
+
 def script_start(
     out: str, no_csv: bool, threads: int, gpu_csv: str, cpu_csv: str
 ) -> tuple[bool, Path | None]:

@@ -120,11 +120,10 @@ def svd_linear_bwd(
     need_B: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dE, dB); gradients that are not needed come back as empty tensors."""
-    with device_guard(x):
-        return _backward_impl(
-            dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out,
-            need_x, need_A, need_E, need_B,
-        )  # fmt: skip
+    return _backward_guarded(
+        dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out,
+        need_x, need_A, need_E, need_B,
+    )  # fmt: skip
 
 
 def _backward_impl(
