@@ -2,6 +2,7 @@
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
+from .convert import from_peft
 from .layer import SVDLinear
 from .model import AdaLoraModel, get_adalora_model
 from .regularizer import orth_regularization
@@ -11,6 +12,7 @@ __all__ = [
     "AdaLoraModel",
     "RankAllocator",
     "SVDLinear",
+    "from_peft",
     "get_adalora_model",
     "orth_regularization",
 ]
