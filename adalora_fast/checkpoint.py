@@ -118,6 +118,8 @@ def save_pretrained(model: AdaLoraModel, path: str | os.PathLike) -> None:
         None if rank_pattern is None else {f"{n}.lora_E": p for n, p in rank_pattern.items()}
     )
     cfg["target_modules"] = model.adalora_config.target_modules
+    # PEFT reads Conv1D (GPT-2) weights transposed only with this flag (else it warns and sets it).
+    cfg["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in layers)
     if cfg["target_modules"] is None:  # record what the defaults picked, so that PEFT finds the same modules
         cfg["target_modules"] = sorted(model.adapted_names)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))

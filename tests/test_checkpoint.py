@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
+from _models import max_rel_err
 from conftest import LLAMA_PROJ, batches, tiny_gpt2, tiny_llama
 from torch import nn
 
@@ -133,6 +135,23 @@ def test_peft_checkpoint_loads_pruned(tmp_path):
             assert layer.r == sum(saved[f"{name}.lora_E"])
             assert layer.ranknum.item() == SCHEDULE["init_r"]
         assert ours.rank_pattern == {k[: -len(".lora_E")]: v for k, v in saved.items()}
+
+
+def test_saved_gpt2_checkpoint_loads_in_peft_with_equal_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    from test_merge import _trained
+
+    base = tiny_gpt2(2)
+    ours = _trained(base, ["c_attn", "c_proj", "c_fc"]).eval()
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["fan_in_fan_out"] is True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    x = batches(1, seed=99)[0]
+    assert max_rel_err(_logits(pm, x), _logits(ours, x)) <= 1e-5
+    assert max_rel_err(_logits(base, x), _logits(ours, x)) > 1e-4, "the adapter must matter"
 
 
 def test_save_load_gpt2_conv1d(tmp_path):
