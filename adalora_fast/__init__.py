@@ -6,6 +6,7 @@ from .convert import from_peft
 from .layer import SVDLinear
 from .model import AdaLoraModel, get_adalora_model
 from .regularizer import orth_regularization
+from .training import unwrap_model, update_and_allocate
 
 __all__ = [
     "AdaLoraConfig",
@@ -15,5 +16,7 @@ __all__ = [
     "from_peft",
     "get_adalora_model",
     "orth_regularization",
+    "unwrap_model",
+    "update_and_allocate",
 ]
 __version__ = "0.1.0"
