@@ -9,6 +9,7 @@ from .regularizer import orth_regularization
 from .training import unwrap_model, update_and_allocate
 
 __all__ = [
+    "AdaLoraCallback",
     "AdaLoraConfig",
     "AdaLoraModel",
     "RankAllocator",
@@ -20,3 +21,12 @@ __all__ = [
     "update_and_allocate",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Trainer callback imports transformers' Trainer machinery: only when asked for.
+    if name == "AdaLoraCallback":
+        from .callback import AdaLoraCallback
+
+        return AdaLoraCallback
+    raise AttributeError(f"module 'adalora_fast' has no attribute {name!r}")

@@ -231,27 +231,13 @@ def load_pretrained(
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {root}")
     weights = load_file(str(weights_path))
     state_path = root / STATE_NAME
-    use_state = is_trainable and state_path.is_file()
+    read = _read_state(root, stacklevel=4) if is_trainable else None
+    use_state = read is not None
     meta: dict[str, Any] = {}
-    if use_state:
-        from safetensors import safe_open
-
-        with safe_open(str(state_path), framework="pt") as f:
-            meta = json.loads(f.metadata()["json"])
-        if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"{state_path}: unknown training-state format {meta.get('format')!r}")
-        if meta.get("weights_sha256") != _file_digest(weights_path):
-            warnings.warn(
-                f"{state_path.name} was saved with other adapter weights than {weights_path.name} "
-                "(the directory was written again by another tool, or a save was interrupted): "
-                "ignoring the training state and loading the PEFT-format weights",
-                stacklevel=3,
-            )
-            use_state = False
-        else:
-            state = load_file(str(state_path))
-            # Our own config field, kept out of PEFT's adapter_config.json (absent in older files).
-            config.compact_after_final = bool(meta.get("compact_after_final", config.compact_after_final))
+    if read is not None:
+        state, meta = read
+        # Our own config field, kept out of PEFT's adapter_config.json (absent in older files).
+        config.compact_after_final = bool(meta.get("compact_after_final", config.compact_after_final))
 
     targets = find_target_modules(model, config.target_modules, config.exclude_modules)
     in_ckpt = _module_names_in(weights, root)
@@ -315,15 +301,90 @@ def load_pretrained(
     wrapped.build_allocator()
     alloc = wrapped.rank_allocator
     if use_state:
-        if meta.get("compacted", False):
-            alloc.mark_compacted()  # the layers were resized to the compacted ranks above
-        scores = {k[len("scores.") :]: v for k, v in state.items() if k.startswith("scores.")}
-        alloc.scorer.load_layer_state(scores)
-        alloc.scorer.set_keep({n: state[f"keep.{n}"] for n in targets})
-        alloc.last_step = meta["last_step"]
-        alloc.budget = meta["budget"]
-        alloc.masked = meta["masked"]
-        alloc.finalized = meta["finalized"]
-        if NONFINITE_KEY in state:
-            alloc.nonfinite_steps = state[NONFINITE_KEY]
+        _apply_state(alloc, state, meta, targets)
     return wrapped
+
+
+def _read_state(root: Path, stacklevel: int = 3) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The training state of checkpoint ``root`` (tensors, metadata), or None when there is none or it
+    belongs to other adapter weights than the directory's (then with a warning)."""
+    from safetensors import safe_open
+
+    state_path, weights_path = root / STATE_NAME, root / WEIGHTS_NAME
+    if not state_path.is_file():
+        return None
+    with safe_open(str(state_path), framework="pt") as f:
+        meta = json.loads(f.metadata()["json"])
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{state_path}: unknown training-state format {meta.get('format')!r}")
+    if not weights_path.is_file() or meta.get("weights_sha256") != _file_digest(weights_path):
+        warnings.warn(
+            f"{state_path.name} was saved with other adapter weights than {weights_path.name} "
+            "(the directory was written again by another tool, or a save was interrupted): "
+            "ignoring the training state and loading the PEFT-format weights",
+            stacklevel=stacklevel,
+        )
+        return None
+    return load_file(str(state_path)), meta
+
+
+def _apply_state(alloc: Any, state: dict[str, torch.Tensor], meta: dict[str, Any], names: list[str]) -> None:
+    """Scores, keep masks, counters and flags of a checked training state into ``alloc``."""
+    if meta.get("compacted", False):
+        alloc.mark_compacted()  # the layers hold the compacted ranks
+    scores = {k[len("scores.") :]: v for k, v in state.items() if k.startswith("scores.")}
+    alloc.scorer.load_layer_state(scores)
+    alloc.scorer.set_keep({n: state[f"keep.{n}"] for n in names})
+    alloc.last_step = meta["last_step"]
+    alloc.budget = meta["budget"]
+    alloc.masked = meta["masked"]
+    alloc.finalized = meta["finalized"]
+    if NONFINITE_KEY in state:
+        alloc.nonfinite_steps = state[NONFINITE_KEY]
+
+
+def load_training_state(model: AdaLoraModel, path: str | os.PathLike) -> bool:
+    """Restore a trainable ``model`` in place from our checkpoint ``path`` (written by
+    ``save_pretrained`` of a model with the same adapted modules): A, E, B (copied into the same
+    parameters, so optimizers keep them), importance EMAs, keep masks and allocator flags. This is how
+    a trainer that restores the rest (optimizer, RNG, step) itself resumes exactly. Returns False,
+    changing nothing, when ``path`` holds no training state; raises ``ValueError`` (nothing changed)
+    when the state does not fit the model."""
+    root = Path(path)
+    alloc = model.rank_allocator
+    if alloc is None:
+        raise RuntimeError("load_training_state: the model was loaded for inference (is_trainable=False)")
+    read = _read_state(root)
+    if read is None:
+        return False
+    state, meta = read
+    names = list(model.adapted_names)
+    saved = meta.get("modules")
+    if saved != names:
+        extra = sorted(set(saved or []) - set(names)) or sorted(set(names) - set(saved or []))
+        raise ValueError(
+            f"{root / STATE_NAME}: saved for other adapted modules than this model's "
+            f"(first difference: {extra[0] if extra else 'the order'!r})"
+        )
+    state_path = root / STATE_NAME
+    for name, layer in model.adapted_layers:
+        tensors = {k: state.get(f"{name}.{k}") for k in FACTORS}
+        if any(t is None for t in tensors.values()):
+            raise ValueError(f"{state_path}: no full weights for module {name!r}")
+        for k, t in tensors.items():
+            if t.shape != getattr(layer, k).shape:
+                raise ValueError(
+                    f"{state_path}: {name}.{k} has shape {tuple(t.shape)}, the model's is "
+                    f"{tuple(getattr(layer, k).shape)}"
+                )
+        _check_state(name, tensors, state, state_path)
+    if bool(meta.get("compacted", False)) != alloc.compacted:
+        raise ValueError(
+            f"{state_path}: saved with compacted={meta.get('compacted')}, the model has {alloc.compacted}"
+        )
+    with torch.no_grad():
+        for name, layer in model.adapted_layers:
+            for k in FACTORS:
+                getattr(layer, k).copy_(state[f"{name}.{k}"])
+    _apply_state(alloc, state, meta, names)
+    return True

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +21,44 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+class _BoundForward:
+    """``AdaLoraModel.forward`` bound to a model; ``inspect.signature`` of it is the wrapped model's."""
+
+    __slots__ = ("_fn", "_owner")
+
+    def __init__(self, fn: Callable[..., Any], owner: AdaLoraModel) -> None:
+        self._fn, self._owner = fn, owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self._owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self._owner.model.forward)
+
+    @property
+    def __func__(self) -> Callable[..., Any]:
+        return self._fn
+
+    @property
+    def __self__(self) -> AdaLoraModel:
+        return self._owner
+
+
+class _ForwardWithBaseSignature:
+    """A method descriptor: on the class, the plain function (``labels`` among its parameters); on an
+    instance, a bound callable whose signature is the wrapped model's forward."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj: AdaLoraModel | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self._fn
+        return _BoundForward(self._fn, obj)
 
 
 class AdaLoraModel(nn.Module):
@@ -74,7 +115,9 @@ class AdaLoraModel(nn.Module):
         layers = [m for _, m in self.adapted_layers]
         return orth_regularization([m.lora_A for m in layers], [m.lora_B for m in layers], self.backend)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        if labels is not None:
+            kwargs["labels"] = labels
         outputs = self.model(*args, **kwargs)
         weight = self.adalora_config.orth_reg_weight
         if weight <= 0:
@@ -92,6 +135,31 @@ class AdaLoraModel(nn.Module):
             # return_dict=False: transformers puts the loss first when labels are given.
             outputs = (outputs[0] + weight * self.orth_regularization(), *outputs[1:])
         return outputs
+
+    # The wrapped model's forward signature (for transformers' Trainer, which keeps only the dataset
+    # columns that the model's forward names: remove_unused_columns=True), with ``labels`` declared on
+    # the class so that Trainer finds the label names.
+    forward = _ForwardWithBaseSignature(_forward)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``, except that no two tensors share storage: every ``lora_E`` is a view
+        into the allocator's one λ buffer, and tied base weights share theirs, which safetensors
+        (transformers' Trainer checkpoints) refuses to write. Later sharers are copied (λ: r floats per
+        layer; a tied embedding: once more its size, while saving). ``keep_vars=True`` returns the
+        parameters themselves, unchanged."""
+        sd = super().state_dict(*args, **kwargs)
+        if kwargs.get("keep_vars", False) or (len(args) >= 3 and args[2]):
+            return sd
+        seen: set[tuple[torch.device, int]] = set()
+        for key, t in sd.items():
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = (t.device, t.untyped_storage().data_ptr())
+            if storage in seen:
+                sd[key] = t.clone()
+            else:
+                seen.add(storage)
+        return sd
 
     # ---- allocation ---------------------------------------------------------------------------
     def set_total_step(self, total_step: int) -> None:

@@ -1,0 +1,115 @@
+"""transformers' Trainer with af.AdaLoraCallback: default TrainingArguments (remove_unused_columns=True),
+total_step from the Trainer's plan, logging, checkpoint/resume with the same final rank pattern."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import LLAMA_PROJ, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+import adalora_fast as af
+
+SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random causal-LM examples with an extra column the model does not take (Trainer must drop it)."""
+
+    def __init__(self, n: int, seq: int = 9, vocab: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i], "example_id": torch.tensor(i)}
+
+
+def _model(seed: int = 3, **cfg) -> af.AdaLoraModel:
+    torch.manual_seed(seed)
+    config = af.AdaLoraConfig(target_modules=LLAMA_PROJ, **{**SCHEDULE, **cfg})
+    return af.get_adalora_model(tiny_llama(2), config)
+
+
+def _args(out, **kw) -> TrainingArguments:
+    defaults = dict(per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True, seed=0, report_to="none")
+    return TrainingArguments(output_dir=str(out), **{**defaults, **kw})
+
+
+def test_trainer_with_default_arguments_derives_total_step_and_reaches_the_target_budget(tmp_path):
+    model = _model()
+    assert model.adalora_config.total_step is None
+    data = TokenDataset(24)
+    args = _args(
+        tmp_path, gradient_accumulation_steps=2, num_train_epochs=2, logging_steps=1, save_strategy="no"
+    )
+    assert args.remove_unused_columns  # the default: Trainer reads our forward's signature
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[af.AdaLoraCallback()])
+    trainer.train()
+    planned = trainer.state.max_steps
+    assert planned == 2 * 24 // (4 * 2)  # epochs x examples / (batch x accumulation)
+    assert model.adalora_config.total_step == planned
+    assert model.rank_allocator.finalized
+    kept = sum(model.kept_ranks().values())
+    assert kept == SCHEDULE["target_r"] * len(model.adapted_names)
+    logged = [h for h in trainer.state.log_history if "loss" in h]  # one per optimizer step
+    assert len(logged) == planned and all("adalora/budget" in h for h in logged)
+    assert logged[-1]["adalora/budget"] == kept and logged[-1]["adalora/kept_rank"] == kept
+    assert logged[0]["adalora/budget"] == SCHEDULE["init_r"] * len(model.adapted_names)
+
+
+def test_schedule_that_does_not_fit_the_trainer_plan_is_a_clear_error(tmp_path):
+    model = _model(tinit=5, tfinal=5)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6, save_strategy="no"),
+                      train_dataset=TokenDataset(8), callbacks=[af.AdaLoraCallback()])  # fmt: skip
+    with pytest.raises(ValueError, match="tinit"):
+        trainer.train()
+
+
+def _final(model: af.AdaLoraModel) -> tuple[dict, dict]:
+    weights = {f"{n}.{k}": getattr(m, k).detach().clone() for n, m in model.adapted_layers
+               for k in ("lora_A", "lora_E", "lora_B")}  # fmt: skip
+    return model.rank_pattern, weights
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_rank_pattern(tmp_path):
+    init = _model(total_step=None)
+    data = TokenDataset(32)
+    kw = dict(max_steps=8, save_steps=3, logging_steps=100)
+
+    whole = copy.deepcopy(init)
+    Trainer(model=whole, args=_args(tmp_path / "a", **kw), train_dataset=data,
+            callbacks=[af.AdaLoraCallback()]).train()  # fmt: skip
+    assert (tmp_path / "a" / "checkpoint-3" / "adalora" / "adalora_training_state.safetensors").is_file()
+
+    # Interrupted after step 3 (its checkpoint is all that survives), then resumed by a new process.
+    resumed = copy.deepcopy(init)
+    trainer = Trainer(model=resumed, args=_args(tmp_path / "a", **kw), train_dataset=data,
+                      callbacks=[af.AdaLoraCallback()])  # fmt: skip
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+
+    pattern_whole, weights_whole = _final(whole)
+    pattern_resumed, weights_resumed = _final(resumed)
+    assert resumed.rank_allocator.masked
+    assert pattern_resumed == pattern_whole
+    for key, w in weights_whole.items():
+        torch.testing.assert_close(weights_resumed[key], w, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_without_adalora_state_warns(tmp_path):
+    init = _model()
+    data = TokenDataset(16)
+    kw = dict(max_steps=6, save_steps=3, logging_steps=100)
+    Trainer(model=copy.deepcopy(init), args=_args(tmp_path, **kw), train_dataset=data,
+            callbacks=[af.AdaLoraCallback()]).train()  # fmt: skip
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-3" / "adalora")
+    trainer = Trainer(model=copy.deepcopy(init), args=_args(tmp_path, **kw), train_dataset=data,
+                      callbacks=[af.AdaLoraCallback()])  # fmt: skip
+    with pytest.warns(UserWarning, match="without AdaLoRA training state"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
