@@ -24,8 +24,9 @@ their kept ranks; the scorer is then a bookkeeping-only :class:`ReferenceScorer`
 from __future__ import annotations
 
 import operator
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,27 @@ if TYPE_CHECKING:
 KINDS = ("lora_A", "lora_E", "lora_B")
 _Coeffs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 CHUNKS = 8  # runs of layers per kind in a score update: a fixed number, so the op count is depth-free
+
+
+def reject_sharded_adapters(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """``NotImplementedError`` if one of the adapter parameters is a ``DTensor``: sharded by FSDP2
+    (``torch.distributed.fsdp.fully_shard``) or tensor parallelism. The allocator scores and masks
+    whole A, E, B matrices across all layers (every ``lora_E`` a view of one flat buffer it owns), which
+    it cannot do on shards. Host cost: one dict lookup while ``torch.distributed.tensor`` was never
+    imported (no DTensor can exist then), else one ``isinstance`` per parameter given."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None:
+        return
+    for name, p in named_params:
+        if isinstance(p, dtensor):
+            raise NotImplementedError(
+                f"{name} is sharded (a DTensor): adalora_fast does not support FSDP2 "
+                "(torch.distributed.fsdp.fully_shard) or tensor parallelism on its adapters; the rank "
+                "allocator scores and masks whole adapter matrices across all layers. Train with "
+                "torch.nn.parallel.DistributedDataParallel instead: wrap the model returned by "
+                "get_adalora_model and call adalora_fast.update_and_allocate(ddp_model, step); every rank "
+                "then computes the same masks from the all-reduced gradients"
+            )
 
 
 def _stable_order(keys: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
@@ -125,6 +147,8 @@ class FlatScorer:
         # Same address as our row of flat_E means same storage, hence same device and dtype.
         if self.flat_E is not None and list(map(_data_ptr, params)) == self._E_ptrs:
             return
+        # (Re-)binding: never onto FSDP2 shards (a DTensor's data_ptr is 0: they always get here).
+        reject_sharded_adapters(zip([f"{n}.lora_E" for n in self.names], params, strict=True))
         self._rebinds += 1
         if self._rebinds > 3 and not self._warned_rebinds:
             self._warned_rebinds = True
@@ -390,6 +414,7 @@ class RankAllocator:
     masks are all True (the pattern is applied by construction), and later steps do nothing."""
 
     def __init__(self, layers: Sequence[tuple[str, SVDLinear]], config: AdaLoraConfig, backend: str = "auto"):
+        reject_sharded_adapters((f"{n}.{k}", getattr(m, k)) for n, m in layers for k in KINDS)
         self.config = config
         self.layers = list(layers)
         self.names = [n for n, _ in layers]
@@ -444,6 +469,9 @@ class RankAllocator:
         call compacts the layers (the first call with ``step >= total_step - tfinal``): its state is
         sliced with the parameters. Passing it on every call is fine.
         """
+        if self.layers:  # one parameter suffices: fully_shard shards all of a module group's
+            name, first = self.layers[0]
+            reject_sharded_adapters(((f"{name}.lora_E", first._parameters["lora_E"]),))
         cfg = self.config
         if cfg.total_step is None:
             raise ValueError(
