@@ -3,20 +3,23 @@
 # sized to finish within 8 minutes on one H100:
 #   install (no network) -> environment -> GPU tests (ADALORA_FAST_AUTOTUNE=0: one GEMM config, quick
 #   compiles) -> svd_linear goal point (--quick, do_bench defaults) -> update_and_allocate (--quick) and
-#   orth_reg (shorter do_bench) benchmarks -> full svd_linear grid (shorter do_bench, what time is left)
-#   -> OUTDIR/summary.txt. The benchmarks autotune as usual.
+#   orth_reg (shorter do_bench) benchmarks -> inference -> end-to-end training throughput (--quick)
+#   -> full svd_linear grid (shorter do_bench, what time is left) -> OUTDIR/summary.txt. The
+#   benchmarks autotune as usual.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #   CHECK_STEPS="gpu_tests allocator profile kernel_tests" bash benchmarks/gpu_check.sh OUTDIR  # a subset
 #
 # Steps (CHECK_STEPS, in this order; default all): gpu_tests kernel_tests quick allocator orth_reg
-# inference profile grid. Tests run on 8 pytest-xdist workers when xdist is installed (compiles in parallel).
+# inference train_e2e profile grid. Tests run on 8 pytest-xdist workers when xdist is installed
+# (compiles in parallel).
 #
 # OUTDIR gets at most 8 files: env.txt (install log, nvidia-smi, versions), gpu_tests.log,
-# quick/bench_svd_linear.log (then its CSV rows), bench_more.log (the allocator, regulariser and
-# inference benchmarks' output, then their CSV rows), profile_gpu.log (then its CSV rows), bench_svd_linear.log,
-# gpu_svd_linear.csv, summary.txt. A step cut by its timeout gets SIGINT first, so pytest and the
-# benchmarks stop like Ctrl-C and still print what they have (failures so far, rows so far).
+# quick/bench_svd_linear.log (then its CSV rows), bench_more.log (the allocator, regulariser,
+# inference and end-to-end training benchmarks' output, then their CSV rows), profile_gpu.log (then
+# its CSV rows), bench_svd_linear.log, gpu_svd_linear.csv, summary.txt. A step cut by its timeout
+# gets SIGINT first, so pytest and the benchmarks stop like Ctrl-C and still print what they have
+# (failures so far, rows so far).
 # Every step runs under `timeout` against one deadline (CHECK_BUDGET_S, default 470 s from the start);
 # a failed or timed-out step is recorded and the script goes on; it exits 1 if anything failed. The
 # full grid comes last and takes what is left: cut by the deadline, it is reported INCOMPLETE (its
@@ -43,7 +46,7 @@ FAILED=0
 LAST_RC=0
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
-STEPS=" ${CHECK_STEPS:-gpu_tests kernel_tests quick allocator orth_reg inference profile grid} "
+STEPS=" ${CHECK_STEPS:-gpu_tests kernel_tests quick allocator orth_reg inference train_e2e profile grid} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 
 # Seconds a step may run: its cap, or what is left before the deadline (minus a reserve for the summary).
@@ -158,6 +161,9 @@ if want kernel_tests && ((KERNEL_TESTS_LAST == 0)); then kernel_tests; fi
 # Allocator (--quick): Llama-7B-shaped adapters (32 x 7, init_r 12), 2 check steps, op counts, then
 # fused / torch / peft timed (PEFT: ~31,000 launches per call, timed over >= 3 calls): ~1 minute.
 # orth_reg: same adapters, check + op counts + do_bench at warmup 10 / rep 40 ms: well under 1 minute.
+# train_e2e (--quick): a Llama with 8 layers, hidden 2048, batch 4 x 2048, bf16, all 7 projections at
+# init_r 12: ours / PEFT AdaLoRA / PEFT LoRA / frozen fwd+bwd, one compile + autotune step each, then one
+# do_bench round of >= 3 timed steps per provider: about 1-2 minutes, mostly building and compiling.
 # Their CSVs go to a temporary folder and are appended to their log (OUTDIR keeps 8 files).
 # Full grid: 3 shapes x 3 token counts x (base + 4 ranks x 3 providers) x 3 modes = 351 do_bench
 # calls (~0.1 s each at warmup 10 / rep 40 ms), ~27 autotuning keys of the GEMM kernel (7 configs
@@ -194,7 +200,14 @@ if want inference; then
     step "bench_inference" 60 "$XTRA_LOG" "$PY" benchmarks/bench_inference.py --out "$XTRA_CSV"
     ((LAST_RC == 0)) || FAILED=1
 fi
-for f in "$XTRA_CSV"/gpu_allocator.csv "$XTRA_CSV"/gpu_orth_reg.csv "$XTRA_CSV"/gpu_inference.csv; do
+if want train_e2e; then
+    LAST_RC=0
+    step "bench_train_e2e --quick" 150 "$XTRA_LOG" \
+        "$PY" benchmarks/bench_train_e2e.py --quick --device cuda --out "$XTRA_CSV"
+    ((LAST_RC == 0)) || FAILED=1
+fi
+for f in "$XTRA_CSV"/gpu_allocator.csv "$XTRA_CSV"/gpu_orth_reg.csv "$XTRA_CSV"/gpu_inference.csv \
+    "$XTRA_CSV"/gpu_train_e2e.csv; do
     if [[ -f $f ]]; then
         { echo "=== $(basename "$f")"; cat "$f"; } >>"$XTRA_LOG"
     else
@@ -236,14 +249,17 @@ nfail() {
 }
 note "goal (quick, do_bench warmup 25 / rep 100 ms): $(goal "$OUTDIR/quick/bench_svd_linear.log")"
 note "goal (full grid, do_bench warmup 10 / rep 40 ms): $(goal "$OUTDIR/bench_svd_linear.log")"
-note "goals (update_and_allocate --quick, inference): $(grep '^GOAL' "$XTRA_LOG" 2>/dev/null | paste -sd ';' - || true)"
+note "goals (update_and_allocate --quick, inference, train_e2e --quick): $(grep '^GOAL' "$XTRA_LOG" 2>/dev/null | paste -sd ';' - || true)"
 if [[ -f $XTRA_LOG ]] && grep -q '^| fused |' "$XTRA_LOG"; then
     note "update_and_allocate / orth_reg fused rows: $(grep '^| fused |' "$XTRA_LOG" | tr -s ' ' | paste -sd ';' -)"
+fi
+if [[ -f $XTRA_LOG ]] && grep -qE '^\| (frozen|adalora_fast|peft_adalora|peft_lora) \| fwd' "$XTRA_LOG"; then
+    note "train_e2e rows (ms / step, tokens/s, ours / provider): $(grep -E '^\| (frozen|adalora_fast|peft_adalora|peft_lora) \| fwd' "$XTRA_LOG" | tr -s ' ' | paste -sd ';' -)"
 fi
 if [[ -f $OUTDIR/profile_gpu.log ]]; then
     note "profile (device total / host enqueue / wall, us): $(grep -E '^  [a-z_]+ +.*(device total|enqueue time|wall)' "$OUTDIR/profile_gpu.log" | sed -E 's/^ +//; s/ {2,}/ /g' | paste -sd ';' -)"
 fi
-note "benchmark measurement failures: quick $(nfail "$OUTDIR/quick/bench_svd_linear.log"), full $(nfail "$OUTDIR/bench_svd_linear.log"), allocator+orth_reg+inference $(nfail "$XTRA_LOG")"
+note "benchmark measurement failures: quick $(nfail "$OUTDIR/quick/bench_svd_linear.log"), full $(nfail "$OUTDIR/bench_svd_linear.log"), allocator+orth_reg+inference+train_e2e $(nfail "$XTRA_LOG")"
 note "total $((SECONDS - START))s of the ${BUDGET}s budget"
 if ((FAILED)); then
     note "RESULT: FAILED (see the rc lines above and the logs)"
