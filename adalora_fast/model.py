@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocator import RankAllocator
+from .allocator import RankAllocator, reject_sharded_adapters
 from .config import AdaLoraConfig
 from .layer import SVDLinear, expand_pattern
 from .regularizer import orth_regularization
@@ -112,7 +112,10 @@ class AdaLoraModel(nn.Module):
     # ---- forward and regulariser ------------------------------------------------------------
     def orth_regularization(self) -> torch.Tensor:
         """``R``: mean of ``||A A^T - I||_F`` and ``||B^T B - I||_F`` over all adapted layers."""
-        layers = [m for _, m in self.adapted_layers]
+        named = self.adapted_layers
+        if named:  # a clear error for FSDP2-sharded adapters (else DTensor arithmetic fails inside)
+            reject_sharded_adapters(((f"{named[0][0]}.lora_A", named[0][1].lora_A),))
+        layers = [m for _, m in named]
         return orth_regularization([m.lora_A for m in layers], [m.lora_B for m in layers], self.backend)
 
     def _forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
