@@ -123,6 +123,19 @@ def check_case(case: Case, device: str, seed: int = 0) -> None:
         grad = inp[k].grad
         assert grad is not None and grad.dtype == inp[k].dtype and grad.shape == inp[k].shape, k
         errs[k] = max_rel_err(grad, ref[k])
+    # The adapter gradients are sums over the rows (tokens). Where such a sum cancels (its result far
+    # below its terms), no fp32 summation order holds 1e-5 of the result: PyTorch's own fp32 path
+    # misses it too (rows 43, d_in = d_out = r = 1: dA 1.1e-5). Their error is therefore measured
+    # against the larger of max |ref| and the typical size of a random-sign sum of those terms,
+    # sum |terms| / sqrt(rows) (the float64 gradients of the same problem with |inputs|). Without
+    # cancellation the two are of one size and the check is the plain relative one.
+    absolute = {k: v.abs() if torch.is_tensor(v) else v for k, v in inp.items()}
+    magnitude = reference(case, absolute, dy.abs(), keep)
+    rows = max(1, y.numel() // case.d_out)
+    for k in ("lora_A", "lora_E", "lora_B"):
+        scale = max(ref[k].abs().max().item(), magnitude[k].max().item() / rows**0.5)
+        assert scale > 0, k
+        errs[k] = (inp[k].grad.double() - ref[k]).abs().max().item() / scale
     # adapter grads come out in the adapter dtype: judge them by its tolerance when it is coarser
     for k in ("lora_A", "lora_E", "lora_B"):
         assert errs[k] <= max(tol, TOL.get(case.adapter_dtype, tol)), (case, errs)
