@@ -63,14 +63,62 @@ class AdaLoraCallback(TrainerCallback):
                 "steps: the budget schedule follows total_step (leave it None to take the Trainer's)",
                 stacklevel=2,
             )
+        if config.compact_after_final:
+            raise ValueError(
+                "AdaLoraCallback: compact_after_final=True is not supported under Trainer (its checkpoints "
+                "and resume expect the parameters' shapes to stay fixed); train with soft masking and call "
+                "model.compact() after trainer.train()"
+            )
+        base = adalora.model
+        from transformers.utils.generic import find_labels
+
+        wanted = find_labels(type(base))
+        if args.label_names is None and wanted and wanted != ["labels"]:
+            warnings.warn(
+                f"{type(base).__name__} takes the labels {wanted}, but Trainer reads 'labels' from the "
+                f"AdaLoraModel wrapper: set TrainingArguments(label_names={wanted}) for evaluation losses",
+                stacklevel=2,
+            )
         self.budget = None
         if state.global_step > 0 and adalora.rank_allocator is not None:
-            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}" / STATE_DIR
-            if not load_training_state(adalora, folder):
+            self._restore(args, state, adalora)
+
+    def _restore(self, args: TrainingArguments, state: TrainerState, adalora: Any) -> None:
+        """Our training state of the checkpoint Trainer resumed from: the one, among
+        ``args.resume_from_checkpoint`` and ``output_dir/checkpoint-<step>``, whose adapter weights are
+        bitwise those Trainer restored (another run's checkpoint of the same step is never taken)."""
+        folders = [Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"]
+        if isinstance(args.resume_from_checkpoint, str):
+            folders.insert(0, Path(args.resume_from_checkpoint))
+        for folder in folders:
+            if load_training_state(adalora, folder / STATE_DIR, only_if_weights_match=True):
+                return
+        looked = ", ".join(str(f / STATE_DIR) for f in folders)
+        warnings.warn(
+            f"resuming at step {state.global_step} without AdaLoRA training state (none matching the "
+            f"restored weights in {looked}): the importance scores start afresh and the rank pattern will "
+            "differ from an uninterrupted run (pass TrainingArguments(resume_from_checkpoint=<folder>) when "
+            "the checkpoint is outside output_dir)",
+            stacklevel=3,
+        )
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kw: Any,
+    ) -> None:
+        # load_best_model_at_end: Trainer has put the best checkpoint's weights back; its masks and
+        # scores must follow, or save_pretrained would prune with the last step's pattern.
+        best = state.best_model_checkpoint
+        adalora = unwrap_model(model)
+        if args.load_best_model_at_end and best and adalora.rank_allocator is not None:
+            if not load_training_state(adalora, Path(best) / STATE_DIR, only_if_weights_match=True):
                 warnings.warn(
-                    f"resuming at step {state.global_step} without AdaLoRA training state (no {folder}): "
-                    "the importance scores start afresh and the rank pattern will differ from an "
-                    "uninterrupted run",
+                    f"load_best_model_at_end: no AdaLoRA training state matching the best weights in {best}: "
+                    "the rank masks are those of the last step",
                     stacklevel=2,
                 )
 
@@ -94,11 +142,17 @@ class AdaLoraCallback(TrainerCallback):
         model: Any = None,
         **kw: Any,
     ) -> None:
-        if not state.is_world_process_zero:
-            return  # every rank holds the same adapter and scores
+        if not args.should_save:
+            return  # every rank holds the same adapter and scores; Trainer's writers write them
         folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
         if folder.is_dir():
             unwrap_model(model).save_pretrained(folder / STATE_DIR)
+        else:
+            warnings.warn(
+                f"AdaLoraCallback: no Trainer checkpoint folder {folder} (hyperparameter search runs save "
+                "elsewhere): the AdaLoRA training state of this checkpoint is not saved",
+                stacklevel=2,
+            )
 
     def on_log(
         self,

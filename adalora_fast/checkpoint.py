@@ -343,13 +343,17 @@ def _apply_state(alloc: Any, state: dict[str, torch.Tensor], meta: dict[str, Any
         alloc.nonfinite_steps = state[NONFINITE_KEY]
 
 
-def load_training_state(model: AdaLoraModel, path: str | os.PathLike) -> bool:
+def load_training_state(
+    model: AdaLoraModel, path: str | os.PathLike, only_if_weights_match: bool = False
+) -> bool:
     """Restore a trainable ``model`` in place from our checkpoint ``path`` (written by
     ``save_pretrained`` of a model with the same adapted modules): A, E, B (copied into the same
     parameters, so optimizers keep them), importance EMAs, keep masks and allocator flags. This is how
     a trainer that restores the rest (optimizer, RNG, step) itself resumes exactly. Returns False,
-    changing nothing, when ``path`` holds no training state; raises ``ValueError`` (nothing changed)
-    when the state does not fit the model."""
+    changing nothing, when ``path`` holds no training state, or (``only_if_weights_match``) when its
+    A, E, B are not bitwise the model's: a trainer that restored the weights itself thereby makes sure
+    the state belongs to them. Raises ``ValueError`` (nothing changed) when the state does not fit the
+    model."""
     root = Path(path)
     alloc = model.rank_allocator
     if alloc is None:
@@ -382,6 +386,11 @@ def load_training_state(model: AdaLoraModel, path: str | os.PathLike) -> bool:
         raise ValueError(
             f"{state_path}: saved with compacted={meta.get('compacted')}, the model has {alloc.compacted}"
         )
+    if only_if_weights_match and not all(
+        torch.equal(_cpu(getattr(layer, k)), state[f"{name}.{k}"]) for name, layer in model.adapted_layers
+        for k in FACTORS
+    ):  # fmt: skip
+        return False
     with torch.no_grad():
         for name, layer in model.adapted_layers:
             for k in FACTORS:

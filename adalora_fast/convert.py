@@ -75,11 +75,13 @@ def _adapter_name(tuner: Any, adapter_name: str | None) -> str:
     return adapter_name
 
 
-def _collect_layers(root: nn.Module, adapter: str) -> list[_PeftLayer]:
+def _collect_layers(root: nn.Module, adapter: str) -> tuple[list[_PeftLayer], list[tuple[str, nn.Module]]]:
+    """PEFT's AdaLoRA layers holding ``adapter``, and (name, base layer) of those that do not (other
+    adapters' only: they are dropped too)."""
     from peft.tuners.adalora.layer import AdaLoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    layers = []
+    layers, others = [], []
     for name, module in root.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             raise ValueError(
@@ -92,9 +94,10 @@ def _collect_layers(root: nn.Module, adapter: str) -> list[_PeftLayer]:
             raise ValueError(
                 f"module {name!r} of the PEFT model is merged: call peft_model.unmerge_adapter() first"
             )
-        if adapter not in module.lora_A:
-            continue
         base = module.get_base_layer()
+        if adapter not in module.lora_A:
+            others.append((name, base))
+            continue
         try:
             d_in, d_out, _ = base_features(base)
         except TypeError as err:
@@ -111,7 +114,7 @@ def _collect_layers(root: nn.Module, adapter: str) -> list[_PeftLayer]:
         layers.append(_PeftLayer(name, base, params, rank, (float(module.scaling[adapter]), ranknum)))
     if not layers:
         raise ValueError(f"the PEFT model has no AdaLoRA layer with adapter {adapter!r}")
-    return layers
+    return layers, others
 
 
 def _pattern_by_module(rank_pattern: dict[str, Any] | None, adapter: str) -> dict[str, list[bool]] | None:
@@ -179,8 +182,10 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
     converts like :meth:`AdaLoraModel.from_pretrained` of that checkpoint. The step counter PEFT does
     not keep: pass the next step to ``update_and_allocate`` as with PEFT.
 
-    Everything is checked before anything changes; then the PEFT model's base is taken over (no copy)
-    and ``peft_model`` must not be used any more.
+    Only ``adapter_name`` is converted: the layers of a PEFT model's other adapters are dropped (as by
+    PEFT's ``unload()``). Adapters that train biases (``bias != "none"``), ``modules_to_save`` and merged
+    PEFT models are refused. Everything is checked before anything changes; then the PEFT model's base
+    is taken over (no copy) and ``peft_model`` must not be used any more.
     """
     from .model import AdaLoraModel
 
@@ -191,8 +196,14 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
     config.rank_pattern = None  # the live pattern goes into the allocator's keep masks
     if backend is not None:
         config.backend = backend
+    bias = getattr(peft_cfg, "bias", "none")
+    if bias != "none":
+        raise ValueError(
+            f"the PEFT adapter trains biases (bias={bias!r}): adalora_fast adapts A, E, B only and keeps "
+            "every base parameter frozen"
+        )
     root = tuner.model
-    layers = _collect_layers(root, adapter)
+    layers, others = _collect_layers(root, adapter)
     pattern = _pattern_by_module(peft_cfg.rank_pattern, adapter)
     trainable = not peft_cfg.inference_mode
     scores = _peft_scores(tuner, layers, adapter) if trainable else {}
@@ -238,6 +249,10 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
     # Checked; now take the base model over.
     for layer in layers:
         _replace(root, layer.name, layer.base)
+    for name, base in others:  # layers of the PEFT model's other adapters only
+        _replace(root, name, base)
+    if hasattr(root, "peft_config"):
+        del root.peft_config  # PEFT's record on the base model, as PEFT's own unload() removes it
     names = [layer.name for layer in layers]
     if not _same_targets(root, config, names):
         # Kept as the user wrote them where they match (saved configs stay readable), else explicit.

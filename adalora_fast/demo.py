@@ -206,7 +206,8 @@ def run_demo(
     teacher = copy.deepcopy(base)
     plant_low_rank(teacher, PLANTED, PLANTED_RANK, PLANTED_STRENGTH, seed + 1)
     config = AdaLoraConfig(
-        init_r=init_r, target_r=target_r, tinit=steps // 10, tfinal=steps // 5, deltaT=5, total_step=steps,
+        init_r=init_r, target_r=target_r, tinit=steps // 10, tfinal=max(1, steps // 5), deltaT=5,
+        total_step=steps,
         lora_alpha=16, target_modules=list(MODULE_TYPES),
     )  # fmt: skip
     model = get_adalora_model(copy.deepcopy(base).to(device), config).train()
@@ -233,8 +234,11 @@ def run_demo(
             bar.set_postfix(loss=f"{losses[-1]:.4f}", budget=budget)
 
     ranks = model.kept_ranks()
-    log(f"\nfinal rank allocation (kept ranks of {init_r}; total {sum(ranks.values())} = target_r x "
-        f"{len(ranks)} modules; * = planted):\n")  # fmt: skip
+    total = sum(ranks.values())
+    budget = (
+        f"the target budget, target_r x {len(ranks)} modules" if total == target_r * len(ranks) else "budget"
+    )
+    log(f"\nfinal rank allocation (kept ranks of {init_r}; total {total} = {budget}; * = planted):\n")
     log(allocation_table(ranks, PLANTED))
     model.save_pretrained(out / "adapter")
     log(f"\nadapter saved in PEFT's AdaLoRA format: {out / 'adapter'}/")

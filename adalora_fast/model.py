@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
-from collections.abc import Callable
+import types
 from typing import Any
 
 import torch
@@ -23,42 +22,24 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-class _BoundForward:
-    """``AdaLoraModel.forward`` bound to a model; ``inspect.signature`` of it is the wrapped model's."""
-
-    __slots__ = ("_fn", "_owner")
-
-    def __init__(self, fn: Callable[..., Any], owner: AdaLoraModel) -> None:
-        self._fn, self._owner = fn, owner
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(self._owner, *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self._owner.model.forward)
-
-    @property
-    def __func__(self) -> Callable[..., Any]:
-        return self._fn
-
-    @property
-    def __self__(self) -> AdaLoraModel:
-        return self._owner
-
-
-class _ForwardWithBaseSignature:
-    """A method descriptor: on the class, the plain function (``labels`` among its parameters); on an
-    instance, a bound callable whose signature is the wrapped model's forward."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self._fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __get__(self, obj: AdaLoraModel | None, owner: type | None = None) -> Any:
-        if obj is None:
-            return self._fn
-        return _BoundForward(self._fn, obj)
+def _forward_with_signature(model: AdaLoraModel) -> types.MethodType | None:
+    """``AdaLoraModel.forward`` bound to ``model`` as a genuine method whose function carries the
+    wrapped model's signature (``__signature__``): transformers' Trainer keeps only the dataset columns
+    that the forward names (``remove_unused_columns=True``), and accelerate re-binds ``forward.__func__``
+    (mixed precision), which must keep that signature. The code object is the class's own, so
+    torch.compile and torch.export see ordinary Python. None when the wrapped forward has no signature."""
+    try:
+        base = inspect.signature(model.model.forward)
+    except (TypeError, ValueError):
+        return None
+    cls_fn = AdaLoraModel.forward
+    fn = types.FunctionType(cls_fn.__code__, cls_fn.__globals__, cls_fn.__name__, cls_fn.__defaults__,
+                            cls_fn.__closure__)  # fmt: skip
+    fn.__kwdefaults__ = cls_fn.__kwdefaults__
+    fn.__qualname__, fn.__doc__, fn.__module__ = cls_fn.__qualname__, cls_fn.__doc__, cls_fn.__module__
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    fn.__signature__ = base.replace(parameters=[self_param, *base.parameters.values()])
+    return types.MethodType(fn, model)
 
 
 class AdaLoraModel(nn.Module):
@@ -82,6 +63,9 @@ class AdaLoraModel(nn.Module):
                 base, config.init_r, config.lora_alpha, config.lora_dropout, backend=self.backend
             )
             _replace_module(model, name, layer)
+        bound = _forward_with_signature(self)
+        if bound is not None:
+            self.forward = bound
         self.is_trainable = is_trainable
         self.rank_allocator: RankAllocator | None = None
         if is_trainable:
@@ -118,7 +102,9 @@ class AdaLoraModel(nn.Module):
         layers = [m for _, m in named]
         return orth_regularization([m.lora_A for m in layers], [m.lora_B for m in layers], self.backend)
 
-    def _forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        # ``labels`` is named here so that transformers' Trainer, which reads the class's forward,
+        # finds the label names; instances carry the wrapped model's full signature (see __init__).
         if labels is not None:
             kwargs["labels"] = labels
         outputs = self.model(*args, **kwargs)
@@ -139,10 +125,25 @@ class AdaLoraModel(nn.Module):
             outputs = (outputs[0] + weight * self.orth_regularization(), *outputs[1:])
         return outputs
 
-    # The wrapped model's forward signature (for transformers' Trainer, which keeps only the dataset
-    # columns that the model's forward names: remove_unused_columns=True), with ``labels`` declared on
-    # the class so that Trainer finds the label names.
-    forward = _ForwardWithBaseSignature(_forward)
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("forward", None)  # bound to this instance: re-made on unpickling / deepcopy
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        bound = _forward_with_signature(self)
+        if bound is not None:
+            self.forward = bound
+
+    def _get_name(self) -> str:
+        # The wrapped model's class name: transformers' Trainer decides by it whether the model is a
+        # causal LM (label smoothing shifts the labels then). __repr__ still says AdaLoraModel.
+        return self.model._get_name()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return type(self).__name__ + text[len(self._get_name()) :]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``nn.Module.state_dict``, except that no two tensors share storage: every ``lora_E`` is a view

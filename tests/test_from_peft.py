@@ -170,3 +170,30 @@ def test_explicit_targets_when_peft_narrowed_the_match():
     ours = af.from_peft(pm)
     assert ours.adapted_names == names
     assert ours.adalora_config.target_modules == names
+
+
+def test_other_adapters_are_dropped_and_the_chosen_one_matches_peft():
+    base = tiny_llama(1)
+    pm = peft_adalora(copy.deepcopy(base), ["q_proj", "v_proj"], total_step=10)
+    second = peft.AdaLoraConfig(target_modules=["o_proj"], total_step=10, inference_mode=True)
+    pm.add_adapter("second", second)  # PEFT allows one trainable AdaLoRA adapter
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_E.second" in n:
+                p.normal_(0, 0.5)
+    pm.set_adapter("second")
+    x = batches(1)[0]
+    expected = _logits(pm, x)
+    ours = af.from_peft(pm, adapter_name="second")
+    from peft.tuners.adalora.layer import AdaLoraLayer
+
+    assert not any(isinstance(m, AdaLoraLayer) for m in ours.modules())
+    assert ours.adapted_names == ["model.layers.0.self_attn.o_proj"]
+    assert max_rel_err(_logits(ours, x), expected) <= 1e-6
+    assert max_rel_err(_logits(base, x), expected) > 1e-4, "the adapter must matter"
+
+
+def test_adapter_that_trains_biases_is_refused():
+    pm = peft_adalora(tiny_llama(1), ["q_proj"], total_step=10, bias="all")
+    with pytest.raises(ValueError, match="bias='all'"):
+        af.from_peft(pm)

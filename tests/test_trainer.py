@@ -77,9 +77,11 @@ def _final(model: af.AdaLoraModel) -> tuple[dict, dict]:
 
 
 def test_resume_from_checkpoint_gives_the_uninterrupted_rank_pattern(tmp_path):
+    # Interrupted in the budget phase (steps 2-9 mask at every step), so the later masks depend on the
+    # importance scores that the resume must restore.
     init = _model(total_step=None)
-    data = TokenDataset(32)
-    kw = dict(max_steps=8, save_steps=3, logging_steps=100)
+    data = TokenDataset(48)
+    kw = dict(max_steps=12, save_steps=3, logging_steps=100)
 
     whole = copy.deepcopy(init)
     Trainer(model=whole, args=_args(tmp_path / "a", **kw), train_dataset=data,
@@ -113,3 +115,86 @@ def test_resume_without_adalora_state_warns(tmp_path):
                       callbacks=[af.AdaLoraCallback()])  # fmt: skip
     with pytest.warns(UserWarning, match="without AdaLoRA training state"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_resume_from_a_checkpoint_outside_output_dir_and_never_from_another_run(tmp_path):
+    init = _model()
+    data = TokenDataset(48)
+    kw = dict(max_steps=12, save_steps=3, logging_steps=100)
+    whole = copy.deepcopy(init)
+    Trainer(model=whole, args=_args(tmp_path / "a", **kw), train_dataset=data,
+            callbacks=[af.AdaLoraCallback()]).train()  # fmt: skip
+    # Another run of the same length writes its own checkpoint-3 into the output_dir resumed into.
+    other = _model(seed=11)
+    Trainer(model=other, args=_args(tmp_path / "b", **kw), train_dataset=TokenDataset(48, seed=5),
+            callbacks=[af.AdaLoraCallback()]).train()  # fmt: skip
+
+    resumed = copy.deepcopy(init)
+    args = _args(tmp_path / "b", **kw)
+    trainer = Trainer(model=resumed, args=args, train_dataset=data, callbacks=[af.AdaLoraCallback()])
+    with pytest.warns(UserWarning, match="without AdaLoRA training state"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))  # b's state not taken
+
+    resumed = copy.deepcopy(init)
+    args = _args(tmp_path / "c", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"), **kw)
+    trainer = Trainer(model=resumed, args=args, train_dataset=data, callbacks=[af.AdaLoraCallback()])
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    assert _final(resumed)[0] == _final(whole)[0]
+    for key, w in _final(whole)[1].items():
+        torch.testing.assert_close(_final(resumed)[1][key], w, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_masks(tmp_path):
+    model = _model()
+    kw = dict(max_steps=8, save_steps=2, eval_steps=2, eval_strategy="steps", logging_steps=100,
+              load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)  # fmt: skip
+    # greater_is_better=True on the loss: the best checkpoint is an early one, not the last step's.
+    trainer = Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=TokenDataset(32),
+                      eval_dataset=TokenDataset(8, seed=3), callbacks=[af.AdaLoraCallback()])  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-8")
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = af.AdaLoraModel.from_pretrained(tiny_llama(2), tmp_path / "adapter").eval()
+    x = TokenDataset(2, seed=9).ids
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, model.eval()(input_ids=x).logits)
+    assert model.rank_pattern == af.AdaLoraModel.from_pretrained(
+        tiny_llama(2), f"{best}/adalora", is_trainable=True).rank_pattern  # fmt: skip
+
+
+def test_label_smoothing_shifts_causal_lm_labels_as_for_the_plain_model(tmp_path):
+    data = TokenDataset(8)
+    losses = []
+    for wrap in (False, True):
+        torch.manual_seed(0)
+        base = tiny_llama(2)
+        model = af.get_adalora_model(base, af.AdaLoraConfig(target_modules=LLAMA_PROJ, orth_reg_weight=0.0,
+                                                            **SCHEDULE)) if wrap else base  # fmt: skip
+        args = _args(tmp_path / str(wrap), max_steps=4, logging_steps=1, label_smoothing_factor=0.1,
+                     learning_rate=0.0, save_strategy="no")  # fmt: skip
+        callbacks = [af.AdaLoraCallback()] if wrap else []
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+        trainer.train()
+        losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # E = 0 at init: the same model
+
+
+def test_a_second_trainer_after_bf16_training_still_sees_the_base_signature(tmp_path):
+    import inspect
+
+    model = _model()
+    data = TokenDataset(8)
+    Trainer(model=model, args=_args(tmp_path / "a", max_steps=4, bf16=True, save_strategy="no"),
+            train_dataset=data, callbacks=[af.AdaLoraCallback()]).train()  # fmt: skip
+    assert "input_ids" in inspect.signature(model.forward).parameters
+    trainer = Trainer(model=model, args=_args(tmp_path / "b", save_strategy="no"), eval_dataset=data)
+    assert "eval_loss" in trainer.evaluate()
+
+
+def test_compact_after_final_is_refused_under_trainer(tmp_path):
+    model = _model(compact_after_final=True)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6, save_strategy="no"),
+                      train_dataset=TokenDataset(8), callbacks=[af.AdaLoraCallback()])  # fmt: skip
+    with pytest.raises(ValueError, match="compact_after_final"):
+        trainer.train()

@@ -92,3 +92,13 @@ def test_update_and_allocate_reaches_through_wrappers(wrap):
     assert af.unwrap_model(wrapped) is model
     with pytest.raises(TypeError, match="no adalora_fast.AdaLoraModel in Linear"):
         af.unwrap_model(torch.nn.Linear(2, 2))
+
+
+def test_torch_export_of_the_adapted_model_matches_eager():
+    model = _model().eval()
+    x = batches(1)[0]
+    exported = torch.export.export(model, (), {"input_ids": x, "use_cache": False})
+    with torch.no_grad():
+        expected = model(input_ids=x, use_cache=False).logits
+        got = exported.module()(input_ids=x, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
