@@ -11,7 +11,7 @@
 #   CHECK_STEPS="gpu_tests allocator profile kernel_tests" bash benchmarks/gpu_check.sh OUTDIR  # a subset
 #
 # Steps (CHECK_STEPS, in this order; default all): gpu_tests kernel_tests quick allocator orth_reg
-# inference train_e2e profile grid. Tests run on 8 pytest-xdist workers when xdist is installed
+# inference train_e2e profile grid; opt-in only: train_e2e_full, demo. Tests run on 8 pytest-xdist workers when xdist is installed
 # (compiles in parallel).
 #
 # OUTDIR gets at most 8 files: env.txt (install log, nvidia-smi, versions), gpu_tests.log,
@@ -205,6 +205,20 @@ if want train_e2e; then
     step "bench_train_e2e --quick" 150 "$XTRA_LOG" \
         "$PY" benchmarks/bench_train_e2e.py --quick --device cuda --out "$XTRA_CSV"
     ((LAST_RC == 0)) || FAILED=1
+fi
+# train_e2e_full (opt-in, not in the default list): the same benchmark without --quick (3 rounds).
+if want train_e2e_full; then
+    LAST_RC=0
+    step "bench_train_e2e" 200 "$XTRA_LOG" "$PY" benchmarks/bench_train_e2e.py --device cuda --out "$XTRA_CSV"
+    ((LAST_RC == 0)) || FAILED=1
+fi
+# demo (opt-in): the README's main job on CUDA (fused kernels), output into bench_more.log.
+if want demo; then
+    LAST_RC=0
+    DEMO_DIR=$(mktemp -d)
+    step "adalora-fast demo --device cuda" 120 "$XTRA_LOG" "$PY" -m adalora_fast demo --device cuda --out "$DEMO_DIR"
+    ((LAST_RC == 0)) || FAILED=1
+    rm -rf "$DEMO_DIR"
 fi
 for f in "$XTRA_CSV"/gpu_allocator.csv "$XTRA_CSV"/gpu_orth_reg.csv "$XTRA_CSV"/gpu_inference.csv \
     "$XTRA_CSV"/gpu_train_e2e.csv; do
