@@ -37,8 +37,15 @@ def test_demo_finds_the_planted_modules(tmp_path):
 
 
 def test_console_script_and_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "adalora_fast", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "demo" in out.stdout and "bench" in out.stdout
+    import shutil
+
+    commands = [[sys.executable, "-m", "adalora_fast", "--help"]]
+    script = shutil.which("adalora-fast")  # installed by pip install -e . (pyproject [project.scripts])
+    if script is not None:
+        commands.append([script, "--help"])
+    for command in commands:
+        out = subprocess.run(command, capture_output=True, text=True)
+        assert out.returncode == 0 and "demo" in out.stdout and "bench" in out.stdout, command
 
 
 def test_bench_quick_runs_the_suite(tmp_path, capsys):

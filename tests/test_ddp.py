@@ -84,8 +84,8 @@ def _rank_ddp(rank: int, out: Path) -> None:
 def _rank_fsdp(rank: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    # orth_reg_weight=0: the regulariser mixes sharded and gathered tensors under FSDP2 and fails in the
-    # forward already; this scenario checks what the allocator does with FSDP2-sharded adapters.
+    # orth_reg_weight=0 so that the forward + backward run: the regulariser refuses sharded adapters
+    # (checked below, called directly), as the allocator does.
     model = _model(orth_reg_weight=0.0)
     for layer in model.model.model.layers:
         fully_shard(layer)
@@ -100,6 +100,7 @@ def _rank_fsdp(rank: int, out: Path) -> None:
         "af.update_and_allocate": lambda: af.update_and_allocate(model, 0),
         "model.update_and_allocate": lambda: model.update_and_allocate(0),
         "model.build_allocator": model.build_allocator,
+        "model.orth_regularization": model.orth_regularization,
     }
     for name, call in calls.items():
         try:
@@ -214,7 +215,9 @@ def test_fsdp2_sharded_adapters_are_refused_with_a_clear_error(tmp_path):
     for r in range(WORLD):
         record = json.loads((tmp_path / f"fsdp_rank{r}.json").read_text())
         assert record["param_type"] == "DTensor"
-        for call in ("af.update_and_allocate", "model.update_and_allocate", "model.build_allocator"):
+        calls = ("af.update_and_allocate", "model.update_and_allocate", "model.build_allocator",
+                 "model.orth_regularization")  # fmt: skip
+        for call in calls:
             assert record[call] is not None, f"{call} accepted FSDP2-sharded adapters"
             kind, message, is_runtime_error = record[call]
             assert kind == "NotImplementedError" and is_runtime_error, (call, kind, message)
