@@ -198,3 +198,20 @@ def test_compact_after_final_is_refused_under_trainer(tmp_path):
                       train_dataset=TokenDataset(8), callbacks=[af.AdaLoraCallback()])  # fmt: skip
     with pytest.raises(ValueError, match="compact_after_final"):
         trainer.train()
+
+
+def test_callback_inserted_first_feeds_the_logging_integrations(tmp_path):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):  # stands in for a report_to integration (W&B, TensorBoard)
+        seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.seen.append(dict(logs))
+
+    trainer = Trainer(model=_model(), args=_args(tmp_path, max_steps=4, logging_steps=1, save_strategy="no"),
+                      train_dataset=TokenDataset(16), callbacks=[Recorder()])  # fmt: skip
+    trainer.callback_handler.callbacks.insert(0, af.AdaLoraCallback())
+    trainer.train()
+    steps = [logs for logs in Recorder.seen if "loss" in logs]
+    assert len(steps) == 4 and all("adalora/budget" in logs for logs in steps)
