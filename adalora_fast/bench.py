@@ -49,14 +49,18 @@ def _shape(row: dict[str, str]) -> str:
     return "-"
 
 
+def _group(row: dict[str, str]) -> tuple:
+    """The measurement a row belongs to, apart from its provider and rank."""
+    return (row["op"], row["mode"], row.get("d_in"), row.get("d_out"), row.get("tokens"), row.get("dtype"))
+
+
 def markdown_summary(rows: list[dict[str, str]]) -> str:
     """One line per measurement: op, mode, shape, r, dtype, provider, median ms, and the ratio to the
     ``base`` (frozen layer) or ``peft`` row of the same op / mode / shape where there is one."""
     groups: dict[tuple, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        key = (row["op"], row["mode"], row.get("d_in"), row.get("d_out"), row.get("tokens"), row.get("dtype"))
         try:
-            groups[key][f"{row['provider']}|{row.get('r') or ''}"] = float(row["median_ms"])
+            groups[_group(row)][f"{row['provider']}|{row.get('r') or ''}"] = float(row["median_ms"])
         except (KeyError, ValueError):
             continue
     lines = [
@@ -64,7 +68,7 @@ def markdown_summary(rows: list[dict[str, str]]) -> str:
         "|---|---|---|---:|---|---|---:|---:|---:|",
     ]
     for row in rows:
-        key = (row["op"], row["mode"], row.get("d_in"), row.get("d_out"), row.get("tokens"), row.get("dtype"))
+        key = _group(row)
         try:
             ms = float(row["median_ms"])
         except (KeyError, ValueError):

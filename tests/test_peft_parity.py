@@ -9,20 +9,13 @@ import torch
 from conftest import LLAMA_PROJ, batches, tiny_llama
 
 import adalora_fast as af
+from adalora_fast.convert import _pattern_by_module
 
 peft = pytest.importorskip("peft")
 
 
 def _peft_pattern(peft_model) -> dict[str, list[bool]] | None:
-    pattern = peft_model.peft_config["default"].rank_pattern
-    if pattern is None:
-        return None
-    out = {}
-    for key, keep in pattern.items():
-        name = key.replace(".default", "")
-        assert name.endswith(".lora_E")
-        out[name[: -len(".lora_E")]] = [bool(k) for k in keep]
-    return out
+    return _pattern_by_module(peft_model.peft_config["default"].rank_pattern, "default")
 
 
 @pytest.mark.parametrize(
