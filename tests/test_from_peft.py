@@ -35,7 +35,7 @@ def _logits(model, x: torch.Tensor) -> torch.Tensor:
 def test_conversion_continues_peft_training_exactly(convert_at):
     pm = peft_adalora(tiny_llama(2), LLAMA_PROJ, task_type="CAUSAL_LM", orth_reg_weight=0.5, **SCHEDULE)
     pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     train_peft(pm, opt, range(convert_at))
     if convert_at == 7:
         assert _peft_pattern(pm) is not None and pm.base_model.rankallocator.exp_avg_ipt
