@@ -1,12 +1,15 @@
-"""adalora_fast: a fast, PEFT-exact AdaLoRA runtime for PyTorch and Hugging Face transformers."""
+"""adalora_fast: a fast, PEFT-exact AdaLoRA runtime for PyTorch and Hugging Face transformers.
+
+Data flow: config -> model -> layer -> functional -> kernels (the adapted layer); model -> allocator
+-> scorers -> kernels (the budget); model <-> checkpoint (plain dicts <-> files).
+"""
 
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
-from .convert import from_peft
+from .functional import orth_regularization
+from .integrations import from_peft, unwrap_model, update_and_allocate
 from .layer import SVDLinear
 from .model import AdaLoraModel, get_adalora_model
-from .regularizer import orth_regularization
-from .training import unwrap_model, update_and_allocate
 
 __all__ = [
     "AdaLoraCallback",
@@ -26,7 +29,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The Trainer callback imports transformers' Trainer machinery: only when asked for.
     if name == "AdaLoraCallback":
-        from .callback import AdaLoraCallback
+        from .integrations.trainer import AdaLoraCallback
 
         return AdaLoraCallback
     raise AttributeError(f"module 'adalora_fast' has no attribute {name!r}")

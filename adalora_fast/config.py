@@ -1,17 +1,18 @@
 """AdaLoRA configuration: PEFT's field names and defaults, validated eagerly.
 
-Naming used throughout the code (PEFT's): ``lora_A`` = Q (r x d_in, right singular vectors),
-``lora_E`` = lambda (r x 1, singular values), ``lora_B`` = P (d_out x r, left singular vectors).
+The factor names and rank vocabulary are in :mod:`adalora_fast.factors`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "ADALORA_FAST_BACKEND"
+from .backend import BACKEND_ENV, BACKENDS, requested_backend
+from .factors import scale_numerator
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "OUR_FIELDS", "AdaLoraConfig"]
+
 OUR_FIELDS = ("backend", "compact_after_final")  # our extensions, kept out of PEFT's adapter_config.json
 
 
@@ -107,16 +108,11 @@ class AdaLoraConfig:
     @property
     def resolved_backend(self) -> str:
         """The requested backend; the ``ADALORA_FAST_BACKEND`` environment variable overrides it."""
-        env = os.environ.get(BACKEND_ENV)
-        if env:
-            if env not in BACKENDS:
-                raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {env!r}")
-            return env
-        return self.backend
+        return requested_backend(self.backend)
 
     def scaling(self) -> float:
         """PEFT's numerator of the adapter scale: lora_alpha, or init_r when lora_alpha <= 0."""
-        return self.lora_alpha if self.lora_alpha > 0 else float(self.init_r)
+        return scale_numerator(self.lora_alpha, self.init_r)
 
     # ---- PEFT adapter_config.json ------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:

@@ -1,41 +1,22 @@
 """The adapted layer: a frozen base linear plus the AdaLoRA update ``B diag(E) A``.
 
 Parameter names and shapes are PEFT's (``lora_A`` r x d_in, ``lora_E`` r x 1, ``lora_B`` d_out x r,
-frozen ``ranknum``), without PEFT's per-adapter ``.default`` level: one adapter per layer.
+frozen ``ranknum``), without PEFT's per-adapter ``.default`` level: one adapter per layer. The layer
+holds the parameters and calls :func:`adalora_fast.functional.svd_linear`, which picks the path.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from . import dispatch
+from . import functional
+from .factors import RANK_DIMS, expand_pattern, scale_numerator
 from .reference import delta_weight
-
-# The dimension that indexes the ranks in each adapter parameter.
-RANK_DIMS = (("lora_A", 0), ("lora_E", 0), ("lora_B", 1))
-
-
-def expand_pattern(loaded: list[bool] | None, local: list[bool], init_r: int) -> list[bool]:
-    """A layer's pattern over init_r ranks: ``local`` covers the ranks the layer holds now, which are
-    the True positions of ``loaded`` when the layer was loaded pruned (or compacted)."""
-    if loaded is None:
-        return list(local) + [False] * (init_r - len(local))
-    it = iter(local)
-    return [bool(next(it)) if kept else False for kept in loaded]
-
-
-def base_features(base: nn.Module) -> tuple[int, int, bool]:
-    """(d_in, d_out, fan_in_fan_out) of a supported base layer."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features, False
-    if isinstance(base, Conv1D):  # GPT-2 style: weight stored as (d_in, d_out)
-        d_in, d_out = base.weight.shape
-        return d_in, d_out, True
-    raise TypeError(f"unsupported base layer {type(base).__name__}: AdaLoRA adapts nn.Linear and Conv1D")
+from .targets import base_features
 
 
 class SVDLinear(nn.Module):
@@ -58,7 +39,7 @@ class SVDLinear(nn.Module):
         self.r = r
         self.init_r = init_r if init_r is not None else r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha if lora_alpha > 0 else float(self.init_r)
+        self.scaling = scale_numerator(lora_alpha, self.init_r)
         self.backend = backend
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         weight = base_layer.weight
@@ -87,6 +68,8 @@ class SVDLinear(nn.Module):
         self.lora_B = param(B)
         # ranknum == init_r for ever, also after pruning and reload (PEFT's scale contract).
         self.ranknum = param(torch.full((1,), float(self.init_r)), requires_grad=False)
+        # Which init_r positions the factors hold (None: all; see adalora_fast.factors).
+        self.held_pattern: list[bool] | None = None
         self.merged = False
 
     @property
@@ -97,21 +80,45 @@ class SVDLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def resize(self, r: int) -> None:
-        """Re-create A, E, B at rank ``r`` (used when loading pruned checkpoints); ranknum unchanged."""
+    def resize(self, r: int, held_pattern: list[bool] | None = None) -> None:
+        """Re-create A, E, B (zeros) at rank ``r`` holding the init_r positions ``held_pattern`` (used when
+        loading pruned checkpoints); ranknum unchanged."""
+        self._set_rank(r, held_pattern)
         dev, dtype = self.lora_A.device, self.lora_A.dtype
-        self.r = r
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=dev, dtype=dtype))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
 
+    def adopt_factors(
+        self,
+        lora_A: nn.Parameter,
+        lora_E: nn.Parameter,
+        lora_B: nn.Parameter,
+        held_pattern: list[bool] | None = None,
+    ) -> None:
+        """Take these ``nn.Parameter`` objects as the layer's factors, as they are (no copy: an optimizer
+        that holds them goes on training them), holding the init_r positions ``held_pattern``."""
+        self._set_rank(lora_A.shape[0], held_pattern)
+        self.lora_A, self.lora_E, self.lora_B = lora_A, lora_E, lora_B
+
+    def _set_rank(self, r: int, held_pattern: list[bool] | None) -> None:
+        if held_pattern is not None and (len(held_pattern) != self.init_r or sum(held_pattern) != r):
+            raise ValueError(f"held pattern {held_pattern} does not give rank {r} of init_r={self.init_r}")
+        self.r = r
+        self.held_pattern = None if held_pattern is None else [bool(k) for k in held_pattern]
+
     @torch.no_grad()
-    def select_ranks_(self, index: torch.Tensor) -> None:
-        """Keep only the ranks ``index`` (1-D int64, increasing) of A, E, B, in place: the same
+    def select_ranks_(self, keep: Sequence[bool]) -> None:
+        """Keep only the held ranks that ``keep`` (one host bool per held rank) marks, in place: the same
         ``nn.Parameter`` objects get sliced ``.data`` (and ``.grad`` when present), so optimizers and
-        hooks that hold them keep working. ``ranknum`` stays ``init_r`` (the scale does not change).
-        Slicing an optimizer's state is the caller's job (:func:`adalora_fast.compaction.compact_layers_`).
+        hooks that hold them keep working. ``ranknum`` stays ``init_r`` (the scale does not change);
+        the held pattern records which init_r positions remain. Slicing an optimizer's state is the
+        caller's job (:func:`adalora_fast.allocator.compact_layers_`).
         """
+        if len(keep) != self.r:
+            raise ValueError(f"select_ranks_: {len(keep)} keep flags for a layer holding {self.r} ranks")
+        positions = [i for i, k in enumerate(keep) if k]
+        index = torch.tensor(positions, dtype=torch.long, device=self.lora_A.device)
         for kind, dim in RANK_DIMS:
             p = getattr(self, kind)
             grad = p.grad
@@ -124,7 +131,8 @@ class SVDLinear(nn.Module):
             p.data = new
             if grad is not None:
                 p.grad = grad.index_select(dim, index.to(grad.device))
-        self.r = int(index.numel())
+        self.held_pattern = expand_pattern(self.held_pattern, keep, self.init_r)
+        self.r = len(positions)
 
     def get_delta_weight(self) -> torch.Tensor:
         """dW in the base weight's layout (transposed for Conv1D), in the adapter dtype."""
@@ -170,7 +178,12 @@ class SVDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return dispatch.svd_linear(self, x)
+        base, drop = self.base_layer, self.lora_dropout
+        return functional.svd_linear(
+            x, base.weight, base.bias, self.lora_A, self.lora_E, self.lora_B, self.ranknum, self.scaling,
+            dropout_p=drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0,
+            fan_in_fan_out=self.fan_in_fan_out, backend=self.backend, base_forward=base,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

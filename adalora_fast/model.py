@@ -1,25 +1,29 @@
-"""The model wrapper: inject :class:`SVDLinear` layers, add the regulariser, drive the allocator."""
+"""The model wrapper: it assembles the package. Injects :class:`SVDLinear` layers into the target
+modules, adds the regulariser to the loss, drives the rank allocator, and orchestrates checkpoints
+(it hands plain dicts to :mod:`adalora_fast.checkpoint` and takes them back).
+"""
 
 from __future__ import annotations
 
 import inspect
+import os
 import types
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .allocator import RankAllocator, reject_sharded_adapters
+from .allocator import RankAllocator, check_state, reject_sharded_adapters
+from .checkpoint import lora_export, peft_format, training_state
+from .checkpoint.files import to_cpu
 from .config import AdaLoraConfig
-from .layer import SVDLinear, expand_pattern
-from .regularizer import orth_regularization
-from .targets import find_target_modules
-
-
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+from .factors import FACTORS, check_factor_shapes, expand_pattern
+from .functional import orth_regularization
+from .layer import SVDLinear
+from .reference import adapter_scale
+from .targets import base_features, find_target_modules, replace_module
 
 
 def _forward_with_signature(model: AdaLoraModel) -> types.MethodType | None:
@@ -62,7 +66,7 @@ class AdaLoraModel(nn.Module):
             layer = SVDLinear(
                 base, config.init_r, config.lora_alpha, config.lora_dropout, backend=self.backend
             )
-            _replace_module(model, name, layer)
+            replace_module(model, name, layer)
         bound = _forward_with_signature(self)
         if bound is not None:
             self.forward = bound
@@ -228,34 +232,215 @@ class AdaLoraModel(nn.Module):
         masked = self.rank_allocator is not None and self.rank_allocator.masked
         for name, layer in self.adapted_layers:
             local = keep[name].cpu().tolist() if masked else [True] * layer.r
-            out[name] = expand_pattern(getattr(layer, "loaded_pattern", None), local, layer.init_r)
+            out[name] = expand_pattern(layer.held_pattern, local, layer.init_r)
         return out
 
     def kept_ranks(self) -> dict[str, int]:
         return {n: sum(p) for n, p in self.rank_pattern.items()}
 
-    # ---- checkpoints and merging --------------------------------------------------------------
-    def save_pretrained(self, path: str) -> None:
-        from .checkpoint import save_pretrained
+    def total_kept_rank(self) -> int:
+        """The total kept rank of all adapted layers (one host sync: for logging)."""
+        if self.rank_allocator is None:
+            return sum(layer.r for _, layer in self.adapted_layers)
+        return self.rank_allocator.total_kept_rank()
 
-        save_pretrained(self, path)
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def kept_factors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{module: {"lora_A": (k, d_in), "lora_E": (k, 1), "lora_B": (d_out, k)}}``: CPU copies of the
+        kept ranks of every adapted layer (what a PEFT checkpoint holds; k may be 0): the allocator's
+        keep masks once it has masked, else every rank the layer holds."""
+        alloc = self.rank_allocator
+        keep = alloc.keep_mask() if alloc is not None and alloc.masked else {}
+        out = {}
+        for name, layer in self.adapted_layers:
+            tensors = {k: to_cpu(getattr(layer, k)) for k in FACTORS}
+            if name in keep:
+                idx = keep[name].to("cpu", torch.bool)
+                tensors = {"lora_A": tensors["lora_A"][idx], "lora_E": tensors["lora_E"][idx],
+                           "lora_B": tensors["lora_B"][:, idx]}  # fmt: skip
+            out[name] = {k: t.contiguous() for k, t in tensors.items()}
+        return out
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the adapter in PEFT's AdaLoRA format (``adapter_config.json``,
+        ``adapter_model.safetensors``: kept ranks only) and, for a trainable model, our training state
+        (``adalora_training_state.safetensors``: full factors, scores, masks, allocator state), so that
+        ``from_pretrained(..., is_trainable=True)`` resumes exactly. Each file is written atomically."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        alloc = self.rank_allocator
+        pruned = any(layer.r != layer.init_r for _, layer in self.adapted_layers)
+        config = self.adalora_config
+        if config.total_step is None:
+            warnings.warn(
+                "saving with total_step=None: PEFT refuses to load such a checkpoint; set total_step first "
+                "(model.set_total_step(n)) if PEFT must read it",
+                stacklevel=2,
+            )
+        cfg = peft_format.config_dict(
+            config,
+            self.rank_pattern if (alloc is not None and alloc.masked) or pruned else None,
+            # None: record what the defaults picked, so that PEFT finds the same modules
+            config.target_modules if config.target_modules is not None else sorted(self.adapted_names),
+            any(layer.fan_in_fan_out for _, layer in self.adapted_layers),
+        )
+        full = {name: {k: to_cpu(getattr(layer, k)) for k in FACTORS} for name, layer in self.adapted_layers}
+        peft_format.write_adapter(out, cfg, self.kept_factors())
+        if alloc is None:  # an inference model has no training state; never leave an older one behind
+            training_state.remove_training_state(out)
+            return
+        held = {name: layer.held_pattern for name, layer in self.adapted_layers}
+        training_state.write_training_state(out, full, alloc.state_dict(), held, config.compact_after_final)
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str, is_trainable: bool = False, backend: str | None = None
+        cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False, backend: str | None = None
     ) -> AdaLoraModel:
-        from .checkpoint import load_pretrained
+        """Load a checkpoint written by adalora_fast or by PEFT's AdaLoRA onto ``model``.
 
-        return load_pretrained(cls, model, path, is_trainable=is_trainable, backend=backend)
+        ``is_trainable=True`` resumes from our training state when the folder has one (it must belong
+        to the folder's weights), else from the PEFT weights. Everything is checked against the model
+        before the model is touched: nothing is half-loaded."""
+        root = Path(path)
+        config = peft_format.read_config(root)
+        if backend is not None:
+            config.backend = backend
+        weights_path = root / peft_format.WEIGHTS_NAME
+        weights = peft_format.read_weights(root)
+        state = training_state.read_training_state(root) if is_trainable else None
+        if state is not None and state.compact_after_final is not None:
+            config.compact_after_final = bool(state.compact_after_final)  # ours: not in adapter_config.json
 
-    def export_lora(self, path: str) -> dict[str, int]:
+        targets = find_target_modules(model, config.target_modules, config.exclude_modules)
+        extra = sorted(set(weights) - set(targets))
+        missing = sorted(set(targets) - set(weights))
+        if extra:
+            raise ValueError(f"{weights_path}: module {extra[0]!r} is not an adapted module of this model")
+        if missing:
+            raise ValueError(f"{weights_path}: no weights for module {missing[0]!r} of this model")
+        config_path = root / peft_format.CONFIG_NAME
+        pattern_cfg = peft_format.parse_rank_pattern(config.rank_pattern, source=str(config_path)) or {}
+        per_layer: dict[str, dict[str, torch.Tensor]] = {}
+        held: dict[str, list[bool] | None] = {}
+        for name in targets:
+            if state is not None:
+                tensors = state.factors(name)
+                if any(t is None for t in tensors.values()):
+                    raise ValueError(f"{state.path}: no full weights for module {name!r}")
+                r = _check_layer(name, model.get_submodule(name), tensors, str(state.path))
+                held[name] = state.held_pattern(name)
+            else:
+                tensors = weights[name]
+                r = _check_layer(name, model.get_submodule(name), tensors, str(weights_path))
+                pattern = pattern_cfg.get(name)
+                if pattern is not None and (len(pattern) != config.init_r or sum(pattern) != r):
+                    raise ValueError(
+                        f"{config_path}: rank_pattern of {name!r} keeps {sum(pattern)} of "
+                        f"{len(pattern)} ranks but the weights have rank {r} (init_r={config.init_r})"
+                    )
+                if pattern is None and r != config.init_r:
+                    raise ValueError(
+                        f"{weights_path}: module {name!r} has rank {r}, init_r is {config.init_r}"
+                    )
+                held[name] = pattern if pattern is not None and r != config.init_r else None
+            if r != config.init_r and held[name] is None:
+                where = state.path if state is not None else weights_path
+                raise ValueError(f"{where}: module {name!r} has rank {r} but no recorded pattern")
+            per_layer[name] = tensors
+        if state is not None:
+            shapes = {n: {k: tuple(t.shape) for k, t in fs.items()} for n, fs in per_layer.items()}
+            check_state(state.allocator_state(), shapes, str(state.path))
+
+        wrapped = cls(model, config, is_trainable=False)
+        for name, layer in wrapped.adapted_layers:
+            tensors = per_layer[name]
+            r = tensors["lora_A"].shape[0]
+            if r != layer.r:
+                layer.resize(r, held[name])
+            with torch.no_grad():
+                for k, t in tensors.items():
+                    getattr(layer, k).copy_(t)
+        wrapped.is_trainable = is_trainable
+        if not is_trainable:
+            wrapped.requires_grad_(False)
+            wrapped.eval()
+            return wrapped
+        for _, layer in wrapped.adapted_layers:
+            for k in FACTORS:
+                getattr(layer, k).requires_grad_(True)
+        wrapped.build_allocator()
+        if state is not None:
+            wrapped.rank_allocator.load_state_dict(state.allocator_state(), str(state.path))
+        return wrapped
+
+    def load_training_state(self, path: str | os.PathLike, only_if_weights_match: bool = False) -> bool:
+        """Restore this trainable model in place from our checkpoint ``path`` (written by
+        :meth:`save_pretrained` of a model with the same adapted modules): A, E, B (copied into the same
+        parameters, so optimizers keep them), importance EMAs, keep masks and allocator state. This is
+        how a trainer that restores the rest (optimizer, RNG, step) itself resumes exactly. Returns
+        False, changing nothing, when ``path`` holds no training state, or (``only_if_weights_match``)
+        when its A, E, B are not bitwise the model's. Raises ``ValueError`` (nothing changed) when the
+        state does not fit the model."""
+        alloc = self.rank_allocator
+        if alloc is None:
+            raise RuntimeError("load_training_state: the model was loaded for inference (is_trainable=False)")
+        state = training_state.read_training_state(Path(path))
+        if state is None:
+            return False
+        names = list(self.adapted_names)
+        if state.modules != names:
+            extra = sorted(set(state.modules) - set(names)) or sorted(set(names) - set(state.modules))
+            raise ValueError(
+                f"{state.path}: saved for other adapted modules than this model's "
+                f"(first difference: {extra[0] if extra else 'the order'!r})"
+            )
+        saved = {}
+        for name, layer in self.adapted_layers:
+            tensors = state.factors(name)
+            if any(t is None for t in tensors.values()):
+                raise ValueError(f"{state.path}: no full weights for module {name!r}")
+            for k, t in tensors.items():
+                if t.shape != getattr(layer, k).shape:
+                    raise ValueError(
+                        f"{state.path}: {name}.{k} has shape {tuple(t.shape)}, the model's is "
+                        f"{tuple(getattr(layer, k).shape)}"
+                    )
+            saved[name] = tensors
+        allocator_state = state.allocator_state()
+        check_state(allocator_state, alloc.factor_shapes(), str(state.path))
+        if allocator_state["compacted"] != alloc.compacted:
+            raise ValueError(
+                f"{state.path}: saved with compacted={state.meta.get('compacted')}, "
+                f"the model has {alloc.compacted}"
+            )
+        if only_if_weights_match and not all(
+            torch.equal(to_cpu(getattr(layer, k)), saved[name][k]) for name, layer in self.adapted_layers
+            for k in FACTORS
+        ):  # fmt: skip
+            return False
+        with torch.no_grad():
+            for name, layer in self.adapted_layers:
+                for k in FACTORS:
+                    getattr(layer, k).copy_(saved[name][k])
+        alloc.load_state_dict(allocator_state, str(state.path))
+        return True
+
+    def export_lora(self, path: str | os.PathLike) -> dict[str, int]:
         """Write the adapter as a standard PEFT LoRA adapter (kept ranks only, rank-0 modules left out,
         alpha per module so that LoRA's alpha / r is AdaLoRA's scale) that
         ``peft.PeftModel.from_pretrained`` loads with equal outputs; returns ``{module: rank}``."""
-        from .export import export_lora
+        layers = dict(self.adapted_layers)
+        # Each layer's scale as the forward computes it (fp32 tensor arithmetic).
+        scales = {
+            name: float(adapter_scale(layer.scaling, layer.ranknum.detach().to("cpu", torch.float32)))
+            for name, layer in layers.items()
+        }
+        fan_in_fan_out = {name: layer.fan_in_fan_out for name, layer in layers.items()}
+        return lora_export.write_lora_adapter(
+            Path(path), self.kept_factors(), scales, fan_in_fan_out, self.adalora_config
+        )
 
-        return export_lora(self, path)
-
+    # ---- merging --------------------------------------------------------------------------------
     def merge(self, exact_unmerge: bool = True) -> None:
         """Fold every layer's update into its base weight (:meth:`SVDLinear.merge`): inference then
         runs at the base model's cost. ``exact_unmerge=True`` keeps each original weight (the base
@@ -284,7 +469,7 @@ class AdaLoraModel(nn.Module):
         for name, layer in self.adapted_layers:
             if not layer.merged:
                 layer.merge(exact_unmerge=False)
-            _replace_module(self.model, name, layer.base_layer)
+            replace_module(self.model, name, layer.base_layer)
         self.adapted_names = []
         self.rank_allocator = None
         return self.model
@@ -293,3 +478,12 @@ class AdaLoraModel(nn.Module):
 def get_adalora_model(model: nn.Module, config: AdaLoraConfig) -> AdaLoraModel:
     """Wrap ``model`` with AdaLoRA adapters on the modules ``config`` targets."""
     return AdaLoraModel(model, config)
+
+
+def _check_layer(name: str, base: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> int:
+    """The rank of the saved factors of module ``name``, checked against the model's base layer."""
+    try:
+        d_in, d_out, _ = base_features(base)
+    except TypeError as err:
+        raise ValueError(f"{source}: module {name!r} of the model is {type(base).__name__}: {err}") from None
+    return check_factor_shapes(tensors, d_in, d_out, f"{source}: module {name!r}")

@@ -1,21 +1,18 @@
 """The pure-PyTorch reference: readable, per layer, and the spec every fast path is checked against.
 
-It follows the numeric contract of PEFT 0.21's AdaLoRA item by item (``shared/DESIGN.md`` §2):
-the same formulas, evaluated in the same order, so that fp32 results match PEFT bit for bit where
-PEFT's own op order is deterministic.
+It follows the numeric contract of PEFT 0.21's AdaLoRA item by item (``docs/numeric_contract.md``
+§2): the same formulas, evaluated in the same order, so that fp32 results match PEFT bit for bit
+where PEFT's own op order is deterministic. Pure tensor functions: no modules, no state. The per-layer
+allocator built on them is :class:`adalora_fast.allocator.ReferenceScorer`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .layer import SVDLinear
-
-RANKNUM_EPS = 1e-5
+from .factors import RANKNUM_EPS
 
 
 def adapter_scale(scaling: float, ranknum: torch.Tensor) -> torch.Tensor:
@@ -129,93 +126,3 @@ def orth_regularization(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch
     if total is None:
         raise ValueError("orth_regularization needs at least one adapted layer")
     return total / count
-
-
-class ReferenceRankAllocator:
-    """PEFT's RankAllocator, per layer and readable. Works for any per-layer ranks.
-
-    State is kept per layer: ``ema_ipt[name][kind]`` / ``ema_unc[name][kind]`` for kind in
-    ``("lora_A", "lora_E", "lora_B")`` and ``keep[name]`` (bool, shape (r,)).
-
-    One deliberate departure from PEFT: when any adapter gradient of any layer holds inf or NaN (an
-    fp16 step that GradScaler skips), :meth:`update_scores` leaves every EMA bitwise unchanged and
-    adds 1 to ``nonfinite_steps`` (0-d int64 tensor), decided on the device. PEFT lets such
-    gradients poison the EMAs.
-    """
-
-    KINDS = ("lora_A", "lora_E", "lora_B")
-
-    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int):
-        self.names = [n for n, _ in layers]
-        self.layers = [m for _, m in layers]
-        self.beta1, self.beta2 = beta1, beta2
-        self.init_bgt = sum(m.lora_A.shape[0] for m in self.layers)
-        self.target_bgt = target_r * len(self.layers)
-        self.ema_ipt: dict[str, dict[str, torch.Tensor]] | None = None
-        self.ema_unc: dict[str, dict[str, torch.Tensor]] | None = None
-        self.keep = {
-            n: torch.ones(m.lora_E.shape[0], dtype=torch.bool, device=m.lora_E.device) for n, m in layers
-        }
-        device = self.layers[0].lora_E.device if self.layers else torch.device("cpu")
-        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
-
-    def update_scores(self) -> None:
-        """One EMA step for every element of every A, E, B; skipped for the whole model (EMAs bitwise
-        unchanged, ``nonfinite_steps += 1``) when any gradient holds inf or NaN."""
-        params = []
-        for name, layer in zip(self.names, self.layers, strict=True):
-            for kind in self.KINDS:
-                p = getattr(layer, kind)
-                if p.grad is None:
-                    raise RuntimeError(
-                        f"{name}.{kind} has no gradient: call update_and_allocate after backward() "
-                        "and optimizer.step(), before zero_grad()"
-                    )
-                params.append((name, kind, p))
-        if self.ema_ipt is None:
-            self.ema_ipt = {n: {} for n in self.names}
-            self.ema_unc = {n: {} for n in self.names}
-        with torch.no_grad():
-            finite = grads_finite([p.grad for _, _, p in params])
-            self.count_nonfinite(finite)
-            for name, kind, p in params:
-                if kind not in self.ema_ipt[name]:
-                    self.ema_ipt[name][kind] = torch.zeros_like(p)
-                    self.ema_unc[name][kind] = torch.zeros_like(p)
-                update_importance_(
-                    p, p.grad, self.ema_ipt[name][kind], self.ema_unc[name][kind], self.beta1, self.beta2,
-                    finite=finite,
-                )  # fmt: skip
-
-    def count_nonfinite(self, finite: torch.Tensor) -> None:
-        """``nonfinite_steps += not finite``, on the device."""
-        if self.nonfinite_steps.device != finite.device:
-            self.nonfinite_steps = self.nonfinite_steps.to(finite.device)
-        self.nonfinite_steps.add_(finite.logical_not())
-
-    def scores(self) -> dict[str, torch.Tensor]:
-        """Triplet scores per layer (shape (r,))."""
-        if self.ema_ipt is None:
-            raise RuntimeError("no importance scores yet: update_and_allocate has not run a scoring step")
-        out = {}
-        for name in self.names:
-            s = {k: self.ema_ipt[name][k] * self.ema_unc[name][k] for k in self.KINDS}
-            out[name] = triplet_scores(s["lora_A"], s["lora_E"], s["lora_B"])
-        return out
-
-    def mask_to_budget(self, budget: int) -> None:
-        scores = self.scores()
-        threshold = kth_smallest(torch.cat([scores[n] for n in self.names]), self.init_bgt - budget)
-        with torch.no_grad():
-            for name, layer in zip(self.names, self.layers, strict=True):
-                masked = scores[name] <= threshold
-                layer.lora_E.masked_fill_(masked.view(-1, 1), 0.0)
-                self.keep[name] = ~masked
-
-    def apply_keep(self) -> None:
-        with torch.no_grad():
-            for name, layer in zip(self.names, self.layers, strict=True):
-                layer.lora_E.masked_fill_(~self.keep[name].to(layer.lora_E.device).view(-1, 1), 0.0)
-
-    def free_scores(self) -> None:
-        self.ema_ipt = self.ema_unc = None

@@ -1,4 +1,4 @@
-"""Which modules of a model get adapted."""
+"""Which modules of a model get adapted, what their sizes are, and how a module is swapped in place."""
 
 from __future__ import annotations
 
@@ -28,6 +28,23 @@ DEFAULT_TARGET_NAMES = frozenset(
 DEFAULT_EXCLUDED_PARTS = frozenset({"lm_head", "pooler", "classifier", "score", "qa_outputs"})
 
 SUPPORTED = (nn.Linear, Conv1D)
+
+
+def base_features(base: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, fan_in_fan_out) of a supported base layer."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if isinstance(base, Conv1D):  # GPT-2 style: weight stored as (d_in, d_out)
+        d_in, d_out = base.weight.shape
+        return d_in, d_out, True
+    raise TypeError(f"unsupported base layer {type(base).__name__}: AdaLoRA adapts nn.Linear and Conv1D")
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` of ``root`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
 
 
 def _matches(name: str, spec: list[str] | str) -> bool:

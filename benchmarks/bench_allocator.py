@@ -1,12 +1,13 @@
 """Benchmark of ``update_and_allocate`` on a budget-phase mask step: Triton scorer vs torch scorer vs PEFT.
 
-One call scores every element of every A, E, B (the sensitivity and uncertainty EMAs, DESIGN §2
-item 4), takes the triplet scores, the k-th smallest of them and masks every E (items 5-6). Adapters:
-a Llama-7B-shaped set built without the base weights (``harness.make_adapters``): 32 layers x 7
-projections (q, k, v, o: 4096 -> 4096; gate, up: 4096 -> 11008; down: 11008 -> 4096), init_r 12,
-target_r 8, fp32, random non-zero values (A, B ~ N(0, 0.02), E ~ N(0, 1)); gradients N(0, 1) assigned
-to ``.grad``, one set per check step, the last set kept (fixed) while timing. Every provider has its
-own copy of the same adapter values (masking writes E) and reads the same gradient tensors:
+One call scores every element of every A, E, B (the sensitivity and uncertainty EMAs,
+``docs/numeric_contract.md`` §2 item 4), takes the triplet scores, the k-th smallest of them and masks
+every E (items 5-6). Adapters: a Llama-7B-shaped set built without the base weights
+(``harness.make_adapters``): 32 layers x 7 projections (q, k, v, o: 4096 -> 4096; gate, up: 4096 ->
+11008; down: 11008 -> 4096), init_r 12, target_r 8, fp32, random non-zero values (A, B ~ N(0, 0.02), E ~
+N(0, 1)); gradients N(0, 1) assigned to ``.grad``, one set per check step, the last set kept (fixed)
+while timing. Every provider has its own copy of the same adapter values (masking writes E) and reads
+the same gradient tensors:
 
 * ``fused``: ``adalora_fast.allocator.RankAllocator`` with backend "triton" (``TritonScorer``: the
   ``importance_ema`` kernels, 3 launches for all EMAs and triplet scores whatever the number of
@@ -244,19 +245,15 @@ def build(provider: str, init: Mapping[str, Mapping[str, torch.Tensor]], target_
 
 def fused_problem(p: Provider) -> str | None:
     """Why ``fused`` would not run the compiled kernels (it must not be reported), or None."""
-    from adalora_fast import dispatch
+    from adalora_fast import backend
 
     device = next(iter(p.modules.values())).lora_A.device
-    backend = dispatch.resolve("allocator", "triton", device)
-    if backend != "triton":
-        return f"dispatch resolves backend='triton' to {backend!r} on {device}"
-    from adalora_fast.kernels import _common
-
-    if getattr(_common, "INTERPRET", False):
+    if backend.resolve("allocator", "triton", device) != "triton":
+        return backend.explain("allocator", "triton", device)
+    if backend.interpreting():
         return "the kernels run in Triton's interpreter (TRITON_INTERPRET set before import)"
-    scorer = type(p.allocator.scorer).__name__
-    if scorer != "TritonScorer":
-        return f"the allocator runs the {scorer}, not the TritonScorer"
+    if p.allocator.scorer.name != "triton":
+        return f"the allocator runs the {p.allocator.scorer.name} scorer, not the Triton one"
     return None
 
 

@@ -1,6 +1,6 @@
 """Benchmark of the orthogonal regulariser's forward+backward: fused Triton kernels vs torch vs PEFT.
 
-``R = mean over all A, B of ||A A^T - I||_F, ||B^T B - I||_F`` (DESIGN §2 item 8) over a
+``R = mean over all A, B of ||A A^T - I||_F, ||B^T B - I||_F`` (``docs/numeric_contract.md`` §2 item 8) over a
 Llama-7B-shaped set of adapters built without the base weights: 32 layers x 7 projections (q, k, v,
 o: 4096 -> 4096; gate, up: 4096 -> 11008; down: 11008 -> 4096), init_r 12, fp32 factors with
 random non-zero values (PEFT's init: N(0, 0.02)). Providers, all on the same tensors:
@@ -102,7 +102,7 @@ def peft_orth_reg(named: Sequence[tuple[str, torch.Tensor]], adapter: str = ADAP
 def provider_fn(provider: str, named: Sequence[tuple[str, nn.Parameter]]) -> Callable[[], torch.Tensor]:
     """The regulariser of ``provider`` on these adapters, as a closure returning R."""
     import adalora_fast as af
-    from adalora_fast.regularizer import orth_regularization_torch
+    from adalora_fast.functional import orth_regularization_torch
 
     As, Bs = factors(named)
     if provider == "fused":
@@ -127,14 +127,11 @@ def step_fn(fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]) -> C
 
 def fused_problem(device: torch.device) -> str | None:
     """Why ``fused`` would not run the compiled kernels on ``device`` (it must not be reported), or None."""
-    from adalora_fast import dispatch
+    from adalora_fast import backend
 
-    backend = dispatch.resolve(OP, "triton", device)
-    if backend != "triton":
-        return f"dispatch resolves backend='triton' to {backend!r} on {device}"
-    from adalora_fast.kernels import _common
-
-    if getattr(_common, "INTERPRET", False):
+    if backend.resolve(OP, "triton", device) != "triton":
+        return backend.explain(OP, "triton", device)
+    if backend.interpreting():
         return "the kernels run in Triton's interpreter (TRITON_INTERPRET set before import)"
     return None
 

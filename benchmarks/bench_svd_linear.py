@@ -193,23 +193,18 @@ def check(
 def fused_problem(layer: nn.Module, x: torch.Tensor) -> str | None:
     """Why ``layer`` (backend="triton") would not run the compiled fused kernels on ``x``, or None.
 
-    The dispatcher falls back to the torch path (with a one-time warning) when it cannot run the
-    kernels; such a layer must not be reported as ``fused``.
+    The layer falls back to the torch path (with a one-time warning) when the kernels cannot take
+    the call; such a layer must not be reported as ``fused``.
     """
-    from adalora_fast import dispatch
+    from adalora_fast import backend, functional
 
-    backend = dispatch.resolve(OP, "triton", x.device)
-    if backend != "triton":
-        return f"dispatch resolves backend='triton' to {backend!r} on {x.device}"
-    unsupported = getattr(dispatch, "_fused_unsupported", None)
-    why = unsupported(layer, x) if unsupported is not None else None
-    if why:
-        return f"the fused path falls back to torch: {why}"
-    if x.device.type == "cuda":
-        from adalora_fast.kernels import _common
-
-        if getattr(_common, "INTERPRET", False):
-            return "the kernels run in Triton's interpreter (TRITON_INTERPRET set before import)"
+    if backend.resolve(OP, "triton", x.device) != "triton":
+        return backend.explain(OP, "triton", x.device)
+    choice = functional.svd_linear_choice(x, layer.base_layer.weight, layer.lora_A, "triton")
+    if choice.reason is not None:
+        return f"the fused path falls back to torch: {choice.reason}"
+    if x.device.type == "cuda" and backend.interpreting():
+        return "the kernels run in Triton's interpreter (TRITON_INTERPRET set before import)"
     return None
 
 

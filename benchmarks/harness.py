@@ -1,7 +1,7 @@
 """Shared helpers for the project's benchmarks: tiny models, timers, and the results CSV.
 
 Every benchmark appends its measurements to a CSV under ``benchmarks/results/`` with the columns in
-:data:`COLUMNS` (``shared/DESIGN.md`` §6). The environment columns (gpu, torch, triton, commit, date)
+:data:`COLUMNS` (``docs/numeric_contract.md`` §6). The environment columns (gpu, torch, triton, commit, date)
 are filled in here; a benchmark passes the others and leaves the ones that do not apply out (they
 are written as empty strings).
 

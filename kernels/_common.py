@@ -24,12 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .constants import RANKNUM_EPS
+
 # Triton decides at decoration time whether kernels are interpreted: read the flag the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # ADALORA_FAST_AUTOTUNE=0: one GEMM config, no autotuning (quick compiles: tests, first GPU checks).
 AUTOTUNE = os.environ.get("ADALORA_FAST_AUTOTUNE", "1") not in ("", "0")
 
-MAX_RANK = 128
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on GPUs
 
 
@@ -51,12 +52,15 @@ def dropout_keep(seed, rows, col_start, p, BLOCK_R: tl.constexpr, BLOCK_C: tl.co
     return tl.uint_to_uniform_float(bits) >= p
 
 
+_EPS = tl.constexpr(RANKNUM_EPS)  # jit code reads only constexpr globals
+
+
 @triton.jit
 def adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling):
     """``lambda_j * scaling / (ranknum + 1e-5)`` for ranks ``offs_r`` (0 beyond ``R``), in fp32."""
     lam = tl.load(e_ptr + offs_r * stride_e, mask=offs_r < R, other=0.0).to(tl.float32)
     ranknum = tl.load(ranknum_ptr).to(tl.float32)
-    return lam * (scaling / (ranknum + 1e-5))
+    return lam * (scaling / (ranknum + _EPS))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -1,6 +1,7 @@
 """AdaLoRA importance scores for every adapter matrix of a model in a fixed number of launches.
 
-For each element of every A, E, B (DESIGN §2 item 4, PEFT's op order and updated-mean semantics):
+For each element of every A, E, B (``docs/numeric_contract.md`` §2 item 4, PEFT's op order and
+updated-mean semantics):
 ``I = |p * g|``, ``Ibar = b1 * Ibar + (1 - b1) * I``, ``U = b2 * U + (1 - b2) * |I - Ibar|``,
 ``s = Ibar * U``; then per layer and rank ``S_i = s_E[i] + (mean_j s_A[i, j] + mean_k s_B[k, i])``.
 
@@ -20,6 +21,9 @@ row; B: d_out x r, rank = column; E: r x 1), the same offset in the EMA buffers 
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +31,7 @@ import triton.language as tl
 from ._common import INTERPRET, device_guard, next_pow2, rank_pad
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # jit code reads only constexpr globals
+_dtype = operator.attrgetter("dtype")
 LAYOUT_COLUMNS = 4  # ema_offset, length, stride_rank, stride_pos
 
 
@@ -110,6 +115,14 @@ def _triplet_kernel(partial_ptr, layout_ptr, out_ptr, M, R, SPLITS: tl.constexpr
     mean_b = _rank_mean(partial_ptr, layout_ptr, 2 * M + layer, SPLITS, R_PAD)
     # PEFT's order: s_E + (mean_A + mean_B)
     tl.store(out_ptr + layer * R + offs_r, s_e + (mean_a + mean_b), mask=offs_r < R)
+
+
+def unsupported_reason(params: Sequence[torch.Tensor]) -> str | None:
+    """Why the score kernels cannot take these adapter factors (the torch scorer runs), or None."""
+    dtypes = set(map(_dtype, params))
+    if dtypes != {torch.float32}:
+        return f"adapter dtypes {sorted(map(str, dtypes))} (the score kernels take float32 adapters)"
+    return None
 
 
 def _check_tables(p_table: torch.Tensor, g_table: torch.Tensor, layout: torch.Tensor, M: int) -> None:

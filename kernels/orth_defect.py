@@ -1,10 +1,10 @@
 """Orthogonality defects of every adapter factor: ``R = mean_i ||X_i X_i^T - I||_F`` in 2 + 1 launches.
 
-The AdaLoRA regulariser (DESIGN §2 item 8) over all ``A`` (r x d_in, Gram of the rows ``A A^T``) and
-``B`` (d_out x r, Gram of the columns ``B^T B``) of a model. Both are handled as one kind of matrix:
-``X`` (r x L) seen through strides, ``X = A`` or ``X = B^T``, with ``D = X X^T - I`` (r x r).
-``||.||_F`` is the Frobenius norm, not squared; a rank-0 factor contributes ``||0|| = 0`` and counts
-in the mean; r may exceed L (then X X^T cannot be the identity).
+The AdaLoRA regulariser (``docs/numeric_contract.md`` §2 item 8) over all ``A`` (r x d_in, Gram of the
+rows ``A A^T``) and ``B`` (d_out x r, Gram of the columns ``B^T B``) of a model. Both are handled as one
+kind of matrix: ``X`` (r x L) seen through strides, ``X = A`` or ``X = B^T``, with ``D = X X^T - I`` (r
+x r). ``||.||_F`` is the Frobenius norm, not squared; a rank-0 factor contributes ``||0|| = 0`` and
+counts in the mean; r may exceed L (then X X^T cannot be the identity).
 
 Launches per call, whatever the number of layers:
 
@@ -41,15 +41,16 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
+from operator import attrgetter
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, MAX_RANK, device_guard, dot_precision, rank_pad, table_to_device
+from ._common import INTERPRET, device_guard, dot_precision, rank_pad, table_to_device
+from .constants import MAX_RANK, SUPPORTED_DTYPES
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 TABLE_COLUMNS = 8  # data_ptr, r, L, stride_r, stride_l, grad_offset, grad_stride_r, grad_stride_l
 TABLE_CACHE_SIZE = 8
@@ -153,13 +154,29 @@ class UnsupportedInputs(ValueError):
     """Valid factors the kernels do not handle (dtype, mixed dtypes or devices, rank): use PyTorch."""
 
 
+_dtype = attrgetter("dtype")
+_device = attrgetter("device")
+_size = torch.Tensor.size
+
+
 def unsupported_reason(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]) -> str | None:
-    """Why the kernels cannot take these (well-formed) factors, or None. Looks at metadata only."""
+    """Why the kernels cannot take these (well-formed) factors, or None. Looks at metadata only, with
+    C-level maps (it runs on every call, over one tensor per layer); the per-tensor loop only runs to
+    name the offender (and under torch.compile, which does not trace ``attrgetter``)."""
     first = lora_As[0]
     if first.dtype not in SUPPORTED_DTYPES:
         return f"dtype {first.dtype} (supported: fp32, fp16, bf16)"
-    for kind, mats, rank_dim in (("lora_A", lora_As, 0), ("lora_B", lora_Bs, 1)):
-        for i, t in enumerate(mats):
+    mats = (*lora_As, *lora_Bs)
+    ranks = chain(map(_size, lora_As, repeat(0)), map(_size, lora_Bs, repeat(1)))
+    if (
+        not torch.compiler.is_compiling()
+        and set(map(_dtype, mats)) == {first.dtype}
+        and set(map(_device, mats)) == {first.device}
+        and max(ranks) <= MAX_RANK
+    ):
+        return None
+    for kind, group, rank_dim in (("lora_A", lora_As, 0), ("lora_B", lora_Bs, 1)):
+        for i, t in enumerate(group):
             if t.dtype != first.dtype:
                 return f"{kind}[{i}] is {t.dtype} but lora_A[0] is {first.dtype} (one dtype for all)"
             if t.device != first.device:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import MAX_RANK, check_seed, device_guard
+from ._common import check_seed, device_guard
+from .constants import MAX_RANK, RANKNUM_EPS, SUPPORTED_DTYPES
 from .x_at import x_at
 from .xt_s import xt_s
 from .xw_plus_sb import xw_plus_sb
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SEED_HIGH = 2**62
 
 
@@ -144,7 +144,7 @@ def _backward_impl(
         dB = xt_s(dy, s, lora_E, ranknum, scaling).t().contiguous().to(lora_B.dtype)
     dE = x.new_empty(0)
     if need_E:
-        scale = scaling / (ranknum.float() + 1e-5)
+        scale = scaling / (ranknum.float() + RANKNUM_EPS)
         dE = ((g * s).sum(0) * scale).unsqueeze(1).to(lora_E.dtype)
     return dx, dA, dE, dB
 
@@ -217,7 +217,31 @@ class _SVDLinearFn(torch.autograd.Function):
         return _input_grads(ctx, dy, _backward_guarded)
 
 
-# ---- public entry point -------------------------------------------------------------------------
+# ---- public entry points ------------------------------------------------------------------------
+def unsupported_reason(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+) -> str | None:
+    """Why the fused op cannot run this (well-formed) call, or None: the cases where the PyTorch path
+    must run instead (autocast, a trainable or non-float base weight, mixed dtypes or devices, rank)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is enabled (the fused op computes in the weight's dtype)"
+    if weight.requires_grad:
+        return "the base weight requires grad (the fused op computes no weight gradient)"
+    if x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} (e.g. under autocast)"
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return f"base dtype {weight.dtype} (supported: fp32, fp16, bf16)"
+    if lora_A.dtype not in SUPPORTED_DTYPES:
+        return f"adapter dtype {lora_A.dtype} (supported: fp32, fp16, bf16)"
+    if lora_A.shape[0] > MAX_RANK:
+        return f"rank {lora_A.shape[0]} > {MAX_RANK}"
+    if lora_A.device != weight.device:
+        return f"adapter on {lora_A.device} but base weight on {weight.device}"
+    return None
+
+
 def check_inputs(
     x: torch.Tensor,
     weight: torch.Tensor,

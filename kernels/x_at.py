@@ -14,7 +14,6 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
-    MAX_RANK,
     cdiv,
     check_seed,
     dot_precision,
@@ -22,6 +21,7 @@ from ._common import (
     dropout_keep,
     rank_pad,
 )
+from .constants import MAX_RANK
 
 
 @triton.jit

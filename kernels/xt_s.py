@@ -16,7 +16,6 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
-    MAX_RANK,
     adapter_lambda,
     cdiv,
     check_seed,
@@ -26,6 +25,7 @@ from ._common import (
     rank_pad,
     target_programs,
 )
+from .constants import MAX_RANK
 
 
 @triton.jit

@@ -23,7 +23,6 @@ import triton.language as tl
 from ._common import (
     AUTOTUNE,
     INTERPRET,
-    MAX_RANK,
     adapter_lambda,
     cdiv,
     check_seed,
@@ -34,6 +33,7 @@ from ._common import (
     next_pow2,
     rank_pad,
 )
+from .constants import MAX_RANK
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). The first is the config used without autotuning. A
 # ptxas resource check for sm_90 (triton 3.9, 2026-11-28) found it spill-free for bf16/fp16 training

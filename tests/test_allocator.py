@@ -112,7 +112,7 @@ def test_phases_and_budgets():
                 assert kept == budget
         if step >= 16:
             assert budget == 2 * m and kept == 2 * m and alloc.finalized
-            assert alloc.scorer.ema_ipt is None  # EMA state freed at the final step
+            assert not alloc.scorer.has_scores  # EMA state freed at the final step
         if step == 16:
             final = model.rank_pattern
         if step > 16:

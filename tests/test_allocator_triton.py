@@ -13,7 +13,7 @@ pytest.importorskip("adalora_fast.kernels.importance_ema")
 from adalora_fast.kernels import importance_ema  # noqa: E402
 
 from adalora_fast.allocator import FlatScorer  # noqa: E402
-from adalora_fast.allocator_triton import TritonScorer  # noqa: E402
+from adalora_fast.allocator.triton_scorer import TritonScorer  # noqa: E402
 
 DEVICES = kernel_devices()
 KINDS = ("lora_A", "lora_E", "lora_B")

@@ -220,7 +220,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     before = (tmp_path / WEIGHTS_NAME).read_bytes()
     assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, STATE_NAME])
 
-    import adalora_fast.checkpoint as ckpt
+    import adalora_fast.checkpoint.peft_format as peft_format
 
     def broken(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -230,7 +230,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with torch.no_grad():
         for _, layer in model.adapted_layers:
             layer.lora_A.add_(1.0)
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(peft_format, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before

@@ -14,7 +14,7 @@ from _peft_helpers import fix_pattern_with_module_at_rank_zero, peft_adalora, tr
 from conftest import LLAMA_PROJ, batches, tiny_gpt2, tiny_llama
 
 import adalora_fast as af
-from adalora_fast.convert import _pattern_by_module
+from adalora_fast.checkpoint.peft_format import parse_rank_pattern
 
 peft = pytest.importorskip("peft")
 
@@ -23,7 +23,7 @@ GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 def _peft_pattern(pm) -> dict[str, list[bool]] | None:
-    return _pattern_by_module(pm.peft_config["default"].rank_pattern, "default")
+    return parse_rank_pattern(pm.peft_config["default"].rank_pattern, "default")
 
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:

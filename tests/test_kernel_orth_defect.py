@@ -19,7 +19,7 @@ from conftest import kernel_devices
 from test_regularizer import MIXED, float64_value_and_grads, orthonormal_factors, random_factors
 
 import adalora_fast as af
-from adalora_fast import dispatch
+from adalora_fast import backend
 
 od = pytest.importorskip("adalora_fast.kernels.orth_defect")
 DEVICES = kernel_devices()
@@ -246,10 +246,10 @@ def test_launch_count_independent_of_layers(device):
 # ---- dispatch, fallbacks, errors ----------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch(device):
-    assert dispatch.resolve("orth_reg", "auto", torch.device("cpu")) == "torch"
-    assert dispatch.resolve("orth_reg", "triton", torch.device(device)) == "triton"
+    assert backend.resolve("orth_reg", "auto", torch.device("cpu")) == "torch"
+    assert backend.resolve("orth_reg", "triton", torch.device(device)) == "triton"
     if device == "cuda":
-        assert dispatch.resolve("orth_reg", "auto", torch.device("cuda")) == "triton"
+        assert backend.resolve("orth_reg", "auto", torch.device("cuda")) == "triton"
     As, Bs = factors(MIXED, 9, device)
     before = od.LAUNCHES["_gram_defect_kernel"]
     with warnings.catch_warnings():
@@ -262,7 +262,7 @@ def test_dispatch(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["fp64", "mixed_dtype", "rank129"])
 def test_unsupported_inputs_fall_back_to_torch(device, case, monkeypatch):
-    monkeypatch.setattr(dispatch, "_WARNED", set())
+    monkeypatch.setattr(backend, "_WARNED", set())
     As, Bs = factors([(3, 7, 5), (4, 9, 6)], 10, device)
     if case == "fp64":
         As, Bs = [a.double() for a in As], [b.double() for b in Bs]

@@ -9,13 +9,13 @@ import torch
 from conftest import LLAMA_PROJ, batches, tiny_llama
 
 import adalora_fast as af
-from adalora_fast.convert import _pattern_by_module
+from adalora_fast.checkpoint.peft_format import parse_rank_pattern
 
 peft = pytest.importorskip("peft")
 
 
 def _peft_pattern(peft_model) -> dict[str, list[bool]] | None:
-    return _pattern_by_module(peft_model.peft_config["default"].rank_pattern, "default")
+    return parse_rank_pattern(peft_model.peft_config["default"].rank_pattern, "default")
 
 
 @pytest.mark.parametrize(

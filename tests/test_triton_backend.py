@@ -15,7 +15,7 @@ from conftest import LLAMA_PROJ, kernel_devices, tiny_llama
 from torch import nn
 
 import adalora_fast as af
-from adalora_fast import dispatch
+from adalora_fast import backend
 from adalora_fast.layer import SVDLinear
 
 pytest.importorskip("adalora_fast.kernels.svd_linear")
@@ -90,14 +90,14 @@ def test_autocast_takes_the_torch_path(device):
 
 
 def test_auto_uses_torch_on_cpu():
-    assert dispatch.resolve("svd_linear", "auto", torch.device("cpu")) == "torch"
+    assert backend.resolve("svd_linear", "auto", torch.device("cpu")) == "torch"
 
 
 def test_triton_on_cpu_without_interpreter_falls_back(monkeypatch):
-    monkeypatch.setattr(dispatch, "_interpreting", lambda: False)
-    monkeypatch.setattr(dispatch, "_WARNED", set())
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    monkeypatch.setattr(backend, "_WARNED", set())
     with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
-        assert dispatch.resolve("svd_linear", "triton", torch.device("cpu")) == "torch"
+        assert backend.resolve("svd_linear", "triton", torch.device("cpu")) == "torch"
 
 
 def _train(backend: str, device: str, steps: int, batches) -> tuple[list[float], list[dict]]:

@@ -14,15 +14,11 @@ the parameter before anything is changed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .layer import RANK_DIMS, expand_pattern
-
-if TYPE_CHECKING:
-    from .layer import SVDLinear
+from ..factors import RANK_DIMS, AdapterLayer
 
 
 def _state_keys_to_slice(optimizer: torch.optim.Optimizer, p: torch.Tensor, label: str) -> list[str]:
@@ -45,14 +41,14 @@ def _state_keys_to_slice(optimizer: torch.optim.Optimizer, p: torch.Tensor, labe
 
 
 def compact_layers_(
-    layers: Sequence[tuple[str, SVDLinear]],
-    keep: dict[str, list[bool]],
+    layers: Sequence[tuple[str, AdapterLayer]],
+    keep: Mapping[str, Sequence[bool]],
     optimizer: torch.optim.Optimizer | None = None,
 ) -> int:
     """Shrink every layer to the ranks ``keep[name]`` marks True (a host list per layer, one entry per
-    rank the layer holds now), in place; slice ``optimizer``'s state to match. Records the layer's
-    pattern over init_r ranks in ``layer.loaded_pattern`` (as a pruned checkpoint load does). Returns
-    the number of ranks removed. Everything is checked before anything changes."""
+    rank the layer holds now), in place (:meth:`SVDLinear.select_ranks_`, which also records the held
+    pattern); slice ``optimizer``'s state to match. Returns the number of ranks removed. Everything is
+    checked before anything changes."""
     plan = []
     for name, layer in layers:
         kept = [bool(k) for k in keep[name]]
@@ -78,7 +74,6 @@ def compact_layers_(
                 state = optimizer.state.get(p, {})
                 for key in state_keys[id(p)]:
                     state[key] = state[key].index_select(dim, index.to(state[key].device))
-        layer.loaded_pattern = expand_pattern(getattr(layer, "loaded_pattern", None), kept, layer.init_r)
-        layer.select_ranks_(index)
-        removed += len(kept) - int(index.numel())
+        layer.select_ranks_(kept)
+        removed += len(kept) - len(positions)
     return removed

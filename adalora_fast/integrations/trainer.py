@@ -19,23 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .checkpoint import load_training_state
-from .training import unwrap_model
+from .wrappers import unwrap_model
 
 STATE_DIR = "adalora"  # inside each Trainer checkpoint folder
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
-
-
-def kept_rank(model: Any) -> int:
-    """The total kept rank of all adapted layers (one host sync)."""
-    alloc = unwrap_model(model).rank_allocator
-    if alloc is None:
-        return sum(layer.r for _, layer in unwrap_model(model).adapted_layers)
-    keep = list(alloc.keep_mask().values())
-    return int(torch.stack([k.sum() for k in keep]).sum()) if keep else 0
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -91,7 +80,7 @@ class AdaLoraCallback(TrainerCallback):
         if isinstance(args.resume_from_checkpoint, str):
             folders.insert(0, Path(args.resume_from_checkpoint))
         for folder in folders:
-            if load_training_state(adalora, folder / STATE_DIR, only_if_weights_match=True):
+            if adalora.load_training_state(folder / STATE_DIR, only_if_weights_match=True):
                 return
         looked = ", ".join(str(f / STATE_DIR) for f in folders)
         warnings.warn(
@@ -115,7 +104,7 @@ class AdaLoraCallback(TrainerCallback):
         best = state.best_model_checkpoint
         adalora = unwrap_model(model)
         if args.load_best_model_at_end and best and adalora.rank_allocator is not None:
-            if not load_training_state(adalora, Path(best) / STATE_DIR, only_if_weights_match=True):
+            if not adalora.load_training_state(Path(best) / STATE_DIR, only_if_weights_match=True):
                 warnings.warn(
                     f"load_best_model_at_end: no AdaLoRA training state matching the best weights in {best}: "
                     "the rank masks are those of the last step",
@@ -165,7 +154,7 @@ class AdaLoraCallback(TrainerCallback):
     ) -> None:
         if logs is None or model is None or self.budget is None:
             return
-        extra = {"adalora/budget": self.budget, "adalora/kept_rank": kept_rank(model)}
+        extra = {"adalora/budget": self.budget, "adalora/kept_rank": unwrap_model(model).total_kept_rank()}
         logs.update(extra)
         # Trainer appended its copy of these logs to the history just before calling us.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

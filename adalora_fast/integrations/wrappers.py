@@ -3,13 +3,10 @@ accelerate) and drive its allocator from a wrapped model."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .model import AdaLoraModel
+from ..model import AdaLoraModel
 
 # Attributes under which common wrappers keep the wrapped module: DistributedDataParallel /
 # DataParallel / accelerate / DeepSpeed (``module``), torch.compile's OptimizedModule (``_orig_mod``).
@@ -20,8 +17,6 @@ def unwrap_model(model: nn.Module) -> AdaLoraModel:
     """The :class:`AdaLoraModel` inside ``model`` (itself, or through DDP, ``torch.compile``,
     ``DataParallel`` or accelerate wrappers, nested in any order). ``TypeError`` naming the wrapper
     chain if there is none."""
-    from .model import AdaLoraModel
-
     seen = []
     current = model
     while True:

@@ -1,24 +1,17 @@
-"""The rank allocator: importance EMAs, triplet scores, budget schedule and masks for all layers.
+"""The allocator's scorers: importance EMAs, triplet scores and keep masks behind one protocol.
 
-:class:`RankAllocator` drives PEFT's three phases (warm-up, cubic budget decay, final fixed pattern)
-and delegates the tensor work to a scorer:
+Three scorers keep the same per-layer state (so any of them resumes any other's checkpoint):
 
-* :class:`FlatScorer` (backend "torch", the default): all layers at once. Gradients and weights of
-  all A (B) are concatenated per kind in at most ``CHUNKS`` runs of layers (each run's element-wise
-  chain stays in cache), the EMAs live in flat buffers owned by the scorer, per-layer means are
-  taken over same-shape groups of layers, and the E parameters are views into one (M, r) buffer so
-  that masking is a single op. The ATen op count of a step does not grow with the number of layers,
-  and nothing is read back to the host.
-* ``allocator_triton.TritonScorer`` (backend "triton"): the same with the scoring in Triton kernels.
-* :class:`~adalora_fast.reference.ReferenceRankAllocator`: the per-layer spec; also used when layers
-  have different ranks (a pruned PEFT checkpoint loaded for training).
+* :class:`ReferenceScorer` (``name`` "reference"): per layer and readable, on the spec's functions
+  (:mod:`adalora_fast.reference`); the only one for layers of different ranks (a pruned PEFT
+  checkpoint loaded for training; compacted layers, where it only keeps the books).
+* :class:`FlatScorer` (``name`` "torch", the default): all layers at once in a fixed number of ATen
+  ops, whatever the depth.
+* :class:`~adalora_fast.allocator.triton_scorer.TritonScorer` (``name`` "triton"): the flat scorer with
+  the scoring in the ``importance_ema`` kernels.
 
-Both keep their state in the same per-layer format for checkpoints, so either can resume the other.
-
-Both skip the score update of a step whose adapter gradients hold inf/NaN (decided on the device,
-counted in ``nonfinite_steps``; subclasses reuse ``FlatScorer._grads_finite``). Once the final
-pattern is fixed, :meth:`RankAllocator.compact` (or ``compact_after_final``) shrinks the layers to
-their kept ranks; the scorer is then a bookkeeping-only :class:`ReferenceScorer`.
+All skip the score update of a step whose adapter gradients hold inf/NaN (decided on the device,
+counted in ``nonfinite_steps``). :func:`~adalora_fast.allocator.rank_allocator.make_scorer` picks one.
 """
 
 from __future__ import annotations
@@ -26,28 +19,57 @@ from __future__ import annotations
 import operator
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
-from . import dispatch
-from .compaction import compact_layers_
-from .layer import expand_pattern
-from .reference import ReferenceRankAllocator, budget_schedule, grads_finite, kth_smallest
+from ..factors import FACTORS, AdapterLayer, missing_grad_error
+from ..reference import grads_finite, kth_smallest, triplet_scores, update_importance_
+
+__all__ = ["CHUNKS", "FlatScorer", "ReferenceScorer", "Scorer", "reject_sharded_adapters"]
 
 # Unbound accessors for C-level ``map`` over one tensor per layer (Python loops there cost ~1 ms a
 # call at 224 layers).
 _data_ptr = torch.Tensor.data_ptr
 _shape = operator.attrgetter("shape")
 
-if TYPE_CHECKING:
-    from .config import AdaLoraConfig
-    from .layer import SVDLinear
-
-KINDS = ("lora_A", "lora_E", "lora_B")
 _Coeffs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 CHUNKS = 8  # runs of layers per kind in a score update: a fixed number, so the op count is depth-free
+
+
+class Scorer(Protocol):
+    """What :class:`~adalora_fast.allocator.RankAllocator` asks of a scorer.
+
+    State in the per-layer format of checkpoints: :meth:`layer_state` gives
+    ``{"<module>.<factor>.ema_ipt" | ".ema_unc": tensor in the factor's shape}`` (empty without
+    scores), :meth:`keep_by_layer` ``{module: bool tensor, one per held rank}``.
+    """
+
+    name: str  # "reference", "torch" or "triton"
+    names: list[str]
+    init_bgt: int
+    target_bgt: int
+    nonfinite_steps: torch.Tensor  # 0-d int64 on the adapters' device
+
+    @property
+    def has_scores(self) -> bool: ...
+
+    def update_scores(self) -> None: ...
+
+    def mask_to_budget(self, budget: int) -> None: ...
+
+    def apply_keep(self) -> None: ...
+
+    def free_scores(self) -> None: ...
+
+    def keep_by_layer(self) -> dict[str, torch.Tensor]: ...
+
+    def set_keep(self, keep: Mapping[str, torch.Tensor]) -> None: ...
+
+    def layer_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_layer_state(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
 def reject_sharded_adapters(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -87,10 +109,137 @@ def _stable_order(keys: Sequence[int]) -> tuple[list[int], list[tuple[int, int, 
     return order, groups
 
 
-class FlatScorer:
-    """Vectorised scorer for layers that all have the same rank r."""
+class ReferenceScorer:
+    """PEFT's rank allocator, per layer and readable; works for any per-layer ranks.
 
-    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int):
+    State per layer: ``ema_ipt[name][kind]`` / ``ema_unc[name][kind]`` for each factor kind and
+    ``keep[name]`` (bool, one per held rank).
+
+    One deliberate departure from PEFT: when any adapter gradient of any layer holds inf or NaN (an
+    fp16 step that GradScaler skips), :meth:`update_scores` leaves every EMA bitwise unchanged and
+    adds 1 to ``nonfinite_steps`` (0-d int64 tensor), decided on the device. PEFT lets such
+    gradients poison the EMAs.
+    """
+
+    name = "reference"
+
+    def __init__(self, layers: Sequence[tuple[str, AdapterLayer]], beta1: float, beta2: float, target_r: int):
+        self.names = [n for n, _ in layers]
+        self.layers = [m for _, m in layers]
+        self.beta1, self.beta2 = beta1, beta2
+        self.init_bgt = sum(m.lora_A.shape[0] for m in self.layers)
+        self.target_bgt = target_r * len(self.layers)
+        self.ema_ipt: dict[str, dict[str, torch.Tensor]] | None = None
+        self.ema_unc: dict[str, dict[str, torch.Tensor]] | None = None
+        self.keep = {
+            n: torch.ones(m.lora_E.shape[0], dtype=torch.bool, device=m.lora_E.device) for n, m in layers
+        }
+        device = self.layers[0].lora_E.device if self.layers else torch.device("cpu")
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def has_scores(self) -> bool:
+        return self.ema_ipt is not None
+
+    def update_scores(self) -> None:
+        """One EMA step for every element of every A, E, B; skipped for the whole model (EMAs bitwise
+        unchanged, ``nonfinite_steps += 1``) when any gradient holds inf or NaN."""
+        params = []
+        for name, layer in zip(self.names, self.layers, strict=True):
+            for kind in FACTORS:
+                p = getattr(layer, kind)
+                if p.grad is None:
+                    raise missing_grad_error(name, kind)
+                params.append((name, kind, p))
+        if self.ema_ipt is None:
+            self.ema_ipt = {n: {} for n in self.names}
+            self.ema_unc = {n: {} for n in self.names}
+        with torch.no_grad():
+            finite = grads_finite([p.grad for _, _, p in params])
+            if self.nonfinite_steps.device != finite.device:
+                self.nonfinite_steps = self.nonfinite_steps.to(finite.device)
+            self.nonfinite_steps.add_(finite.logical_not())
+            for name, kind, p in params:
+                if kind not in self.ema_ipt[name]:
+                    self.ema_ipt[name][kind] = torch.zeros_like(p)
+                    self.ema_unc[name][kind] = torch.zeros_like(p)
+                update_importance_(
+                    p, p.grad, self.ema_ipt[name][kind], self.ema_unc[name][kind], self.beta1, self.beta2,
+                    finite=finite,
+                )  # fmt: skip
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Triplet scores per layer (shape (r,))."""
+        if self.ema_ipt is None:
+            raise RuntimeError("no importance scores yet: update_and_allocate has not run a scoring step")
+        out = {}
+        for name in self.names:
+            s = {k: self.ema_ipt[name][k] * self.ema_unc[name][k] for k in FACTORS}
+            out[name] = triplet_scores(s["lora_A"], s["lora_E"], s["lora_B"])
+        return out
+
+    def mask_to_budget(self, budget: int) -> None:
+        scores = self.scores()
+        threshold = kth_smallest(torch.cat([scores[n] for n in self.names]), self.init_bgt - budget)
+        with torch.no_grad():
+            for name, layer in zip(self.names, self.layers, strict=True):
+                masked = scores[name] <= threshold
+                layer.lora_E.masked_fill_(masked.view(-1, 1), 0.0)
+                self.keep[name] = ~masked
+
+    def apply_keep(self) -> None:
+        with torch.no_grad():
+            for name, layer in zip(self.names, self.layers, strict=True):
+                layer.lora_E.masked_fill_(~self.keep[name].to(layer.lora_E.device).view(-1, 1), 0.0)
+
+    def free_scores(self) -> None:
+        self.ema_ipt = self.ema_unc = None
+
+    def keep_by_layer(self) -> dict[str, torch.Tensor]:
+        return dict(self.keep)
+
+    def set_keep(self, keep: Mapping[str, torch.Tensor]) -> None:
+        self.keep = {
+            n: keep[n].to(device=m.lora_E.device, dtype=torch.bool).reshape(-1).clone()
+            for n, m in zip(self.names, self.layers, strict=True)
+        }
+
+    def layer_state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.ema_ipt is None:
+            return out
+        for n in self.names:
+            for kind in FACTORS:
+                out[f"{n}.{kind}.ema_ipt"] = self.ema_ipt[n][kind]
+                out[f"{n}.{kind}.ema_unc"] = self.ema_unc[n][kind]
+        return out
+
+    def load_layer_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if not state:
+            self.free_scores()
+            return
+        self.ema_ipt = {n: {} for n in self.names}
+        self.ema_unc = {n: {} for n in self.names}
+        for n, layer in zip(self.names, self.layers, strict=True):
+            dev = layer.lora_A.device
+            for kind in FACTORS:
+                self.ema_ipt[n][kind] = state[f"{n}.{kind}.ema_ipt"].to(dev).clone()
+                self.ema_unc[n][kind] = state[f"{n}.{kind}.ema_unc"].to(dev).clone()
+
+
+class FlatScorer:
+    """Vectorised scorer for layers that all have the same rank r (backend "torch").
+
+    Gradients and weights of all A (B) are concatenated per kind in at most ``CHUNKS`` runs of layers
+    (each run's element-wise chain stays in cache), the EMAs live in flat buffers owned by the scorer,
+    per-layer means are taken over same-shape groups of layers, and the E parameters are views into
+    one (M, r) buffer that the scorer owns (see :meth:`bind`), so that masking is a single op. The
+    ATen op count of a step does not grow with the number of layers; nothing is read back to the host.
+    """
+
+    name = "torch"
+
+    def __init__(self, layers: Sequence[tuple[str, AdapterLayer]], beta1: float, beta2: float, target_r: int):
         self.names = [n for n, _ in layers]
         self.layers = [m for _, m in layers]
         # The modules' own parameter dicts: a dict lookup per parameter instead of
@@ -170,6 +319,10 @@ class FlatScorer:
         if hasattr(self, "keep"):
             self.keep = self.keep.to(device)
             self.nonfinite_steps = self.nonfinite_steps.to(device)
+        self._move_scores(device)
+
+    def _move_scores(self, device: torch.device) -> None:
+        """Move the EMA state to ``device`` (after the adapters moved)."""
         if self.ema_ipt is not None:
             self.ema_ipt = {k: v.to(device) for k, v in self.ema_ipt.items()}
             self.ema_unc = {k: v.to(device) for k, v in self.ema_unc.items()}
@@ -188,10 +341,7 @@ class FlatScorer:
     # ---- scores -------------------------------------------------------------------------------
     def _grad(self, name: str, kind: str, p: torch.Tensor) -> torch.Tensor:
         if p.grad is None:
-            raise RuntimeError(
-                f"{name}.{kind} has no gradient: call update_and_allocate after backward() and "
-                "optimizer.step(), before zero_grad()"
-            )
+            raise missing_grad_error(name, kind)
         return p.grad
 
     def _runs(self, kind: str) -> list[tuple[list[int], int, int]]:
@@ -289,7 +439,7 @@ class FlatScorer:
         """Triplet scores, shape (M, r)."""
         if self.ema_ipt is None:
             raise RuntimeError("no importance scores yet: update_and_allocate has not run a scoring step")
-        s = {k: self.ema_ipt[k] * self.ema_unc[k] for k in KINDS}
+        s = {k: self.ema_ipt[k] * self.ema_unc[k] for k in FACTORS}
         r = self.r
         mean_A = torch.cat(
             [s["lora_A"][:, o : o + n * d].view(r, n, d).mean(dim=2) for o, n, d in self.a_groups], dim=1
@@ -311,6 +461,10 @@ class FlatScorer:
         self.bind()
         with torch.no_grad():
             self.flat_E.masked_fill_(self.keep.logical_not(), 0.0)
+
+    @property
+    def has_scores(self) -> bool:
+        return self.ema_ipt is not None
 
     def free_scores(self) -> None:
         self.ema_ipt = self.ema_unc = None
@@ -349,228 +503,3 @@ class FlatScorer:
 
     def set_keep(self, keep: dict[str, torch.Tensor]) -> None:
         self.keep = torch.stack([keep[n].to(torch.bool).reshape(-1) for n in self.names]).to(self.keep.device)
-
-
-def _reference_layer_state(ref: ReferenceRankAllocator) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    if ref.ema_ipt is None:
-        return out
-    for n in ref.names:
-        for kind in KINDS:
-            out[f"{n}.{kind}.ema_ipt"] = ref.ema_ipt[n][kind]
-            out[f"{n}.{kind}.ema_unc"] = ref.ema_unc[n][kind]
-    return out
-
-
-class ReferenceScorer(ReferenceRankAllocator):
-    """The reference allocator with the scorer interface of :class:`FlatScorer`."""
-
-    def layer_state(self) -> dict[str, torch.Tensor]:
-        return _reference_layer_state(self)
-
-    def load_layer_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            self.free_scores()
-            return
-        self.ema_ipt = {n: {} for n in self.names}
-        self.ema_unc = {n: {} for n in self.names}
-        for n, layer in zip(self.names, self.layers, strict=True):
-            dev = layer.lora_A.device
-            for kind in KINDS:
-                self.ema_ipt[n][kind] = state[f"{n}.{kind}.ema_ipt"].to(dev).clone()
-                self.ema_unc[n][kind] = state[f"{n}.{kind}.ema_unc"].to(dev).clone()
-
-    def keep_by_layer(self) -> dict[str, torch.Tensor]:
-        return dict(self.keep)
-
-    def set_keep(self, keep: dict[str, torch.Tensor]) -> None:
-        self.keep = {
-            n: keep[n].to(device=m.lora_E.device, dtype=torch.bool).reshape(-1).clone()
-            for n, m in zip(self.names, self.layers, strict=True)
-        }
-
-
-def make_scorer(
-    layers: Sequence[tuple[str, SVDLinear]], config: AdaLoraConfig, backend: str
-) -> FlatScorer | ReferenceScorer:
-    """The scorer for ``backend`` ("reference" forces the per-layer spec)."""
-    args = (layers, config.beta1, config.beta2, config.target_r)
-    uniform = len({m.lora_A.shape[0] for _, m in layers}) == 1
-    if backend == "reference" or not uniform:
-        return ReferenceScorer(*args)
-    device = layers[0][1].lora_A.device
-    return dispatch.implementation("allocator", backend, device)(*args)
-
-
-dispatch.register("allocator", "torch", FlatScorer)
-
-
-class RankAllocator:
-    """PEFT's AdaLoRA schedule on top of a scorer. Call :meth:`update_and_allocate` after
-    ``optimizer.step()`` and before ``zero_grad()`` with the 0-based optimizer step.
-
-    With ``config.compact_after_final`` the layers are compacted (:meth:`compact`) as soon as the final
-    pattern is recorded; the scorer is then replaced by a bookkeeping-only reference scorer whose keep
-    masks are all True (the pattern is applied by construction), and later steps do nothing."""
-
-    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], config: AdaLoraConfig, backend: str = "auto"):
-        reject_sharded_adapters((f"{n}.{k}", getattr(m, k)) for n, m in layers for k in KINDS)
-        self.config = config
-        self.layers = list(layers)
-        self.names = [n for n, _ in layers]
-        self.scorer = make_scorer(layers, config, backend)
-        self._init_bgt, self._target_bgt = self.scorer.init_bgt, self.scorer.target_bgt
-        self.last_step: int | None = None
-        self.budget: int = self.scorer.init_bgt
-        self.masked = False  # a mask step has happened: the keep pattern is meaningful
-        self.finalized = False  # the final pattern is recorded (step >= T - tfinal)
-        self.compacted = False  # the layers hold only their kept ranks (compact())
-
-    @property
-    def nonfinite_steps(self) -> torch.Tensor:
-        """How many scoring steps were skipped because an adapter gradient held inf or NaN: a 0-d int64
-        tensor on the adapters' device, updated without host syncs (``int()`` of it syncs)."""
-        return self.scorer.nonfinite_steps
-
-    @nonfinite_steps.setter
-    def nonfinite_steps(self, value: torch.Tensor) -> None:
-        self.scorer.nonfinite_steps = value.reshape(()).to(
-            device=self.scorer.nonfinite_steps.device, dtype=torch.int64
-        )
-
-    @property
-    def init_bgt(self) -> int:
-        return self._init_bgt
-
-    @property
-    def target_bgt(self) -> int:
-        return self._target_bgt
-
-    def schedule(self, step: int) -> tuple[int, bool]:
-        cfg = self.config
-        return budget_schedule(
-            step,
-            init_bgt=self.init_bgt,
-            target_bgt=self.target_bgt,
-            tinit=cfg.tinit,
-            tfinal=cfg.tfinal,
-            total_step=cfg.total_step,
-            deltaT=cfg.deltaT,
-        )
-
-    def update_and_allocate(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Update scores and masks for ``step``; returns the budget of that step (a Python int).
-
-        Steps with inf/NaN in any adapter gradient (fp16 steps that GradScaler skips) leave the
-        scores untouched (see ``nonfinite_steps``); a mask step among them masks with the previous
-        scores. No host sync on any step, except the one step that compacts.
-
-        ``optimizer`` is needed (and only used) when ``config.compact_after_final`` is set and this
-        call compacts the layers (the first call with ``step >= total_step - tfinal``): its state is
-        sliced with the parameters. Passing it on every call is fine.
-        """
-        if self.layers:  # one parameter suffices: fully_shard shards all of a module group's
-            name, first = self.layers[0]
-            reject_sharded_adapters(((f"{name}.lora_E", first._parameters["lora_E"]),))
-        cfg = self.config
-        if cfg.total_step is None:
-            raise ValueError(
-                "total_step is None: set AdaLoraConfig.total_step (or call model.set_total_step(n)) "
-                "before update_and_allocate"
-            )
-        final_step = cfg.total_step - cfg.tfinal
-        if self.compacted:
-            if step < final_step:
-                raise RuntimeError(
-                    f"update_and_allocate({step}): the layers were compacted to the final rank pattern, "
-                    f"which only steps >= total_step - tfinal = {final_step} may follow"
-                )
-            # The pattern is applied by construction: nothing to score, nothing to re-mask.
-            self.finalized = True
-            self.last_step = step
-            self.budget = self.target_bgt
-            return self.budget
-        if step < final_step:
-            self.scorer.update_scores()
-            budget, mask = self.schedule(step)
-            if mask:
-                self.scorer.mask_to_budget(budget)
-                self.masked = True
-        elif step == final_step:
-            self._require_optimizer(step, final_step, optimizer)
-            # One forced mask at the target budget with the last scores; the pattern is then fixed.
-            self.scorer.mask_to_budget(self.target_bgt)
-            self.scorer.free_scores()
-            self.masked = self.finalized = True
-            budget = self.target_bgt
-        else:
-            if not self.masked:
-                raise RuntimeError(
-                    f"step {step} is past total_step - tfinal = {final_step} but no rank pattern was recorded"
-                )
-            self._require_optimizer(step, final_step, optimizer)
-            # As PEFT: past the final step, the last recorded pattern is re-applied every step.
-            self.scorer.free_scores()
-            self.finalized = True
-            self.scorer.apply_keep()
-            budget = self.target_bgt
-        if cfg.compact_after_final and self.finalized:
-            self.compact(optimizer)
-        self.last_step = step
-        self.budget = budget
-        return budget
-
-    def _require_optimizer(self, step: int, final_step: int, optimizer: torch.optim.Optimizer | None) -> None:
-        if self.config.compact_after_final and optimizer is None:
-            raise ValueError(
-                f"compact_after_final=True: update_and_allocate({step}) compacts the layers to the final "
-                f"rank pattern (step >= total_step - tfinal = {final_step}) and needs the optimizer to "
-                "slice its state: call update_and_allocate(step, optimizer=opt)"
-            )
-
-    def compact(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Shrink every layer to its kept ranks, in place, slicing ``optimizer``'s per-parameter state
-        (:func:`~adalora_fast.compaction.compact_layers_`). Returns whether anything was compacted:
-        False before the first mask step (nothing is masked) and when already compacted. Raises
-        ``RuntimeError`` while the pattern can still change (a mask step happened but the final
-        pattern is not recorded yet): masked ranks may revive in the budget phase. One host sync (the
-        pattern decides the shapes).
-        """
-        if self.compacted or not self.masked:
-            return False
-        if not self.finalized:
-            cfg = self.config
-            final = None if cfg.total_step is None else cfg.total_step - cfg.tfinal
-            raise RuntimeError(
-                f"compact() before the final rank pattern is recorded (last step {self.last_step}, final "
-                f"step total_step - tfinal = {final}): masked ranks may still revive in the budget phase. "
-                "Compact after update_and_allocate(total_step - tfinal), or save_pretrained and load with "
-                "is_trainable=False for a pruned inference model"
-            )
-        keep = {n: k.cpu().tolist() for n, k in self.scorer.keep_by_layer().items()}
-        compact_layers_(self.layers, keep, optimizer)
-        self.mark_compacted()
-        return True
-
-    def mark_compacted(self) -> None:
-        """Record that the layers hold only their kept ranks: the scorer becomes a bookkeeping-only
-        reference scorer (layers may now differ in rank) with every rank kept."""
-        counter = self.scorer.nonfinite_steps
-        cfg = self.config
-        self.scorer = ReferenceScorer(self.layers, cfg.beta1, cfg.beta2, cfg.target_r)
-        self.scorer.nonfinite_steps = counter
-        self.masked = self.finalized = self.compacted = True
-
-    def rank_pattern(self) -> dict[str, list[bool]] | None:
-        """The keep pattern of the last mask step over init_r ranks (host lists), or None before any
-        mask step."""
-        if not self.masked:
-            return None
-        keep = self.scorer.keep_by_layer()
-        return {
-            n: expand_pattern(getattr(m, "loaded_pattern", None), keep[n].cpu().tolist(), m.init_r)
-            for n, m in self.layers
-        }
-
-    def keep_mask(self) -> dict[str, torch.Tensor]:
-        return self.scorer.keep_by_layer()

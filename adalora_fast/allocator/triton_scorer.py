@@ -1,6 +1,6 @@
 """The allocator's Triton scorer: every score EMA of the model in a fixed number of launches.
 
-:class:`TritonScorer` is :class:`~adalora_fast.allocator.FlatScorer` (same schedule, same E buffer,
+:class:`TritonScorer` is :class:`~adalora_fast.allocator.scorers.FlatScorer` (same E buffer,
 same masking, same checkpoint format) with the scoring done by :mod:`adalora_fast.kernels.importance_ema`:
 no concatenation of the weights and gradients; the kernels read each parameter and gradient where it
 lives, through device tables of data pointers, and update two flat fp32 EMA buffers in place.
@@ -12,34 +12,25 @@ allocator); on CUDA a rebuild is an asynchronous copy from pinned memory, not a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import dispatch
-from .allocator import KINDS, FlatScorer, _data_ptr
-from .kernels import importance_ema
-from .kernels._common import table_to_device
-
-if TYPE_CHECKING:
-    from .layer import SVDLinear
+from ..factors import FACTORS, AdapterLayer
+from ..kernels import importance_ema
+from ..kernels._common import table_to_device
+from .scorers import FlatScorer, _data_ptr
 
 _is_contiguous = torch.Tensor.is_contiguous
 
 
 class TritonScorer(FlatScorer):
-    """FlatScorer whose EMA update and triplet scores run in the ``importance_ema`` kernels."""
+    """FlatScorer whose EMA update and triplet scores run in the ``importance_ema`` kernels (backend
+    "triton"; fp32 adapters, see ``importance_ema.unsupported_reason``)."""
 
-    @staticmethod
-    def unsupported(layers: Sequence[tuple[str, SVDLinear]]) -> str | None:
-        """Why the kernels cannot score these layers (the torch scorer is used instead), or None."""
-        dtypes = {m.lora_A.dtype for _, m in layers}
-        if dtypes != {torch.float32}:
-            return f"adapter dtypes {sorted(map(str, dtypes))} (the score kernels take float32 adapters)"
-        return None
+    name = "triton"
 
-    def __init__(self, layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int):
+    def __init__(self, layers: Sequence[tuple[str, AdapterLayer]], beta1: float, beta2: float, target_r: int):
         self._flat_ipt: torch.Tensor | None = None
         self._flat_unc: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
@@ -54,28 +45,20 @@ class TritonScorer(FlatScorer):
         self._flag = torch.zeros((), dtype=torch.int32, device=self.flat_E.device)
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for kind in KINDS for p in self._kind_params(kind)]
+        return [p for kind in FACTORS for p in self._kind_params(kind)]
 
     def _check(self, tensors: Sequence[torch.Tensor | None], what: str) -> None:
         """Raise the clear error for the first parameter (``what`` "") or gradient (".grad") the score
         kernels cannot read: missing, not float32, not contiguous."""
         n = len(self.layers)
         for j, t in enumerate(tensors):
-            name, kind = self.names[j % n], KINDS[j // n]
+            name, kind = self.names[j % n], FACTORS[j // n]
             if t is None:
                 self._grad(name, kind, self._pdicts[j % n][kind])  # raises "... has no gradient"
             if t.dtype != torch.float32 or not t.is_contiguous():
                 raise RuntimeError(f"{name}.{kind}{what} must be contiguous float32 for the score kernels")
 
-    def bind(self) -> None:
-        # FlatScorer.bind moves dict EMAs; ours are flat buffers, moved below.
-        flat = self._flat_ipt, self._flat_unc
-        self._flat_ipt = self._flat_unc = None
-        try:
-            super().bind()
-        finally:
-            self._flat_ipt, self._flat_unc = flat
-        device = self.flat_E.device
+    def _move_scores(self, device: torch.device) -> None:
         for attr in ("_layout", "_numel", "_flag", "_flat_ipt", "_flat_unc", "_scores"):
             t = getattr(self, attr, None)
             if t is not None and t.device != device:
@@ -131,26 +114,11 @@ class TritonScorer(FlatScorer):
         return sum(p.numel() for p in self._params())  # host arithmetic on shapes, no device read
 
     @property
-    def ema_ipt(self):  # the FlatScorer API: None before the first scoring step / after free_scores()
-        return self._flat_ipt
+    def has_scores(self) -> bool:
+        return self._flat_ipt is not None
 
-    @ema_ipt.setter
-    def ema_ipt(self, value) -> None:
-        if value is not None:
-            raise AttributeError("TritonScorer keeps its EMAs in flat buffers; use load_layer_state()")
-        self._flat_ipt = None
-        self._scores = None
-
-    @property
-    def ema_unc(self):
-        return self._flat_unc
-
-    @ema_unc.setter
-    def ema_unc(self, value) -> None:
-        if value is not None:
-            raise AttributeError("TritonScorer keeps its EMAs in flat buffers; use load_layer_state()")
-        self._flat_unc = None
-        self._scores = None
+    def free_scores(self) -> None:
+        self._flat_ipt = self._flat_unc = self._scores = None
 
     def scores(self) -> torch.Tensor:
         """Triplet scores (M, r) of the current EMAs (from the last update, or recomputed after a load)."""
@@ -175,10 +143,10 @@ class TritonScorer(FlatScorer):
             kind, layer = divmod(i, M)
             off = self._offsets_host[i]
             for tag, buf in (("ema_ipt", self._flat_ipt), ("ema_unc", self._flat_unc)):
-                out[f"{self.names[layer]}.{KINDS[kind]}.{tag}"] = buf[off : off + p.numel()].view(p.shape)
+                out[f"{self.names[layer]}.{FACTORS[kind]}.{tag}"] = buf[off : off + p.numel()].view(p.shape)
         return out
 
-    def load_layer_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_layer_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self._scores = None
         if not state:
             self._flat_ipt = self._flat_unc = None
@@ -186,18 +154,7 @@ class TritonScorer(FlatScorer):
         self.bind()
         bufs = {}
         for tag in ("ema_ipt", "ema_unc"):
-            parts = [state[f"{name}.{kind}.{tag}"].reshape(-1) for kind in KINDS for name in self.names]
+            parts = [state[f"{name}.{kind}.{tag}"].reshape(-1) for kind in FACTORS for name in self.names]
             bufs[tag] = torch.cat(parts).to(device=self.flat_E.device, dtype=torch.float32)
         self._flat_ipt, self._flat_unc = bufs["ema_ipt"], bufs["ema_unc"]
 
-
-def make_triton_scorer(
-    layers: Sequence[tuple[str, SVDLinear]], beta1: float, beta2: float, target_r: int
-) -> FlatScorer:
-    """The "triton" allocator backend: a TritonScorer, or the torch scorer (warned once) when the
-    kernels do not take these adapters."""
-    reason = TritonScorer.unsupported(layers)
-    if reason is not None:
-        dispatch.warn_once(f"Triton allocator cannot score {reason}; using the torch scorer")
-        return FlatScorer(layers, beta1, beta2, target_r)
-    return TritonScorer(layers, beta1, beta2, target_r)

@@ -17,19 +17,16 @@ layers and then wrapped by ours, so the PEFT model must not be used afterwards (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import AdaLoraConfig
-from .layer import base_features
-from .targets import find_target_modules
-
-if TYPE_CHECKING:
-    from .model import AdaLoraModel
-
-KINDS = ("lora_A", "lora_E", "lora_B")
+from ..checkpoint.peft_format import parse_rank_pattern
+from ..config import AdaLoraConfig
+from ..factors import FACTORS, check_factor_shapes
+from ..model import AdaLoraModel
+from ..targets import base_features, find_target_modules, replace_module
 
 
 @dataclass
@@ -102,33 +99,13 @@ def _collect_layers(root: nn.Module, adapter: str) -> tuple[list[_PeftLayer], li
             d_in, d_out, _ = base_features(base)
         except TypeError as err:
             raise ValueError(f"module {name!r}: {err} (quantised PEFT layers are not supported)") from None
-        params = {k: getattr(module, k)[adapter] for k in KINDS}
-        rank = params["lora_A"].shape[0]
-        want = {"lora_A": (rank, d_in), "lora_E": (rank, 1), "lora_B": (d_out, rank)}
-        for k, shape in want.items():
-            if tuple(params[k].shape) != shape:
-                raise ValueError(
-                    f"module {name!r}: PEFT's {k} has shape {tuple(params[k].shape)}, expected {shape}"
-                )
+        params = {k: getattr(module, k)[adapter] for k in FACTORS}
+        rank = check_factor_shapes(params, d_in, d_out, f"PEFT's module {name!r}")
         ranknum = float(module.ranknum[adapter].detach().reshape(-1)[0])
         layers.append(_PeftLayer(name, base, params, rank, (float(module.scaling[adapter]), ranknum)))
     if not layers:
         raise ValueError(f"the PEFT model has no AdaLoRA layer with adapter {adapter!r}")
     return layers, others
-
-
-def _pattern_by_module(rank_pattern: dict[str, Any] | None, adapter: str) -> dict[str, list[bool]] | None:
-    """PEFT's ``rank_pattern`` keys (``<module>.lora_E[.<adapter>]``) as module names."""
-    if rank_pattern is None:
-        return None
-    out = {}
-    for key, keep in rank_pattern.items():
-        name = key[: -len(f".{adapter}")] if key.endswith(f".{adapter}") else key
-        if not name.endswith(".lora_E"):
-            raise ValueError(f"PEFT rank_pattern key {key!r} does not name a lora_E")
-        values = keep.view(-1).tolist() if isinstance(keep, torch.Tensor) else keep
-        out[name[: -len(".lora_E")]] = [bool(v) for v in values]
-    return out
 
 
 def _peft_scores(tuner: Any, layers: list[_PeftLayer], adapter: str) -> dict[str, torch.Tensor]:
@@ -138,7 +115,7 @@ def _peft_scores(tuner: Any, layers: list[_PeftLayer], adapter: str) -> dict[str
         return {}
     out = {}
     for layer in layers:
-        for kind in KINDS:
+        for kind in FACTORS:
             key = f"{layer.name}.{kind}.{adapter}"
             if key not in alloc.exp_avg_ipt or key not in alloc.exp_avg_unc:
                 raise ValueError(f"PEFT's rank allocator has no importance EMA for {key!r}")
@@ -163,11 +140,6 @@ def _same_targets(root: nn.Module, config: AdaLoraConfig, names: list[str]) -> b
     return sorted(ours) == sorted(names)
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | None = None) -> AdaLoraModel:
     """Convert a live PEFT AdaLoRA model into an :class:`~adalora_fast.AdaLoraModel`.
 
@@ -187,8 +159,6 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
     PEFT models are refused. Everything is checked before anything changes; then the PEFT model's base
     is taken over (no copy) and ``peft_model`` must not be used any more.
     """
-    from .model import AdaLoraModel
-
     tuner = _tuner(peft_model)
     adapter = _adapter_name(tuner, adapter_name)
     peft_cfg = tuner.peft_config[adapter]
@@ -204,11 +174,11 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
         )
     root = tuner.model
     layers, others = _collect_layers(root, adapter)
-    pattern = _pattern_by_module(peft_cfg.rank_pattern, adapter)
+    pattern = parse_rank_pattern(peft_cfg.rank_pattern, adapter, source="PEFT's config")
     trainable = not peft_cfg.inference_mode
     scores = _peft_scores(tuner, layers, adapter) if trainable else {}
 
-    loaded_patterns: dict[str, list[bool] | None] = {}
+    held_patterns: dict[str, list[bool] | None] = {}
     keep: dict[str, torch.Tensor] = {}
     for layer in layers:
         scaling, ranknum = layer.scale
@@ -222,7 +192,7 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
         if pattern is not None and module_pattern is None:
             raise ValueError(f"PEFT's rank_pattern has no entry for module {layer.name!r}")
         if layer.rank == config.init_r:
-            loaded_patterns[layer.name] = None
+            held_patterns[layer.name] = None
             if module_pattern is not None:
                 if len(module_pattern) != config.init_r:
                     raise ValueError(
@@ -235,22 +205,22 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
             and len(module_pattern) == config.init_r
             and sum(module_pattern) == layer.rank
         ):
-            loaded_patterns[layer.name] = module_pattern  # loaded pruned from a checkpoint
+            held_patterns[layer.name] = module_pattern  # loaded pruned from a checkpoint
         else:
             got = None if module_pattern is None else f"{sum(module_pattern)} of {len(module_pattern)}"
             raise ValueError(
                 f"module {layer.name!r} holds {layer.rank} of init_r={config.init_r} ranks but PEFT's "
                 f"rank_pattern keeps {got}: cannot tell which ranks it holds"
             )
-    pruned = any(p is not None for p in loaded_patterns.values())
+    pruned = any(p is not None for p in held_patterns.values())
     masked = pattern is not None and not pruned and bool(keep)
     finalized = masked and not scores
 
     # Checked; now take the base model over.
     for layer in layers:
-        _replace(root, layer.name, layer.base)
+        replace_module(root, layer.name, layer.base)
     for name, base in others:  # layers of the PEFT model's other adapters only
-        _replace(root, name, base)
+        replace_module(root, name, base)
     if hasattr(root, "peft_config"):
         del root.peft_config  # PEFT's record on the base model, as PEFT's own unload() removes it
     names = [layer.name for layer in layers]
@@ -261,18 +231,15 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
         model = AdaLoraModel(root, config, is_trainable=False)
     by_name = {layer.name: layer for layer in layers}
     for name, ours in model.adapted_layers:
-        layer = by_name[name]
-        for kind in KINDS:
-            setattr(ours, kind, layer.params[kind])
-        ours.r = layer.rank
-        ours.loaded_pattern = loaded_patterns[name]
+        params = by_name[name].params
+        ours.adopt_factors(params["lora_A"], params["lora_E"], params["lora_B"], held_patterns[name])
     model.is_trainable = trainable
     model.train(peft_model.training)
     if not trainable:
         model.requires_grad_(False)
         return model
     for _, ours in model.adapted_layers:
-        for kind in KINDS:
+        for kind in FACTORS:
             getattr(ours, kind).requires_grad_(True)
     model.build_allocator()
     alloc = model.rank_allocator
