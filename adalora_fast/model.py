@@ -399,12 +399,10 @@ class AdaLoraModel(nn.Module):
             tensors = state.factors(name)
             if any(t is None for t in tensors.values()):
                 raise ValueError(f"{state.path}: no full weights for module {name!r}")
-            for k, t in tensors.items():
-                if t.shape != getattr(layer, k).shape:
-                    raise ValueError(
-                        f"{state.path}: {name}.{k} has shape {tuple(t.shape)}, the model's is "
-                        f"{tuple(getattr(layer, k).shape)}"
-                    )
+            where = f"{state.path}: module {name!r}"
+            r = check_factor_shapes(tensors, layer.in_features, layer.out_features, where)
+            if r != layer.r:
+                raise ValueError(f"{where} was saved at rank {r}, the layer holds {layer.r}")
             saved[name] = tensors
         allocator_state = state.allocator_state()
         check_state(allocator_state, alloc.factor_shapes(), str(state.path))

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint.peft_format import parse_rank_pattern
 from ..config import AdaLoraConfig
-from ..factors import FACTORS, check_factor_shapes
+from ..factors import FACTORS, RANKNUM_EPS, check_factor_shapes
 from ..model import AdaLoraModel
 from ..targets import base_features, find_target_modules, replace_module
 
@@ -185,8 +185,8 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
         ours = config.scaling()
         if layer.rank > 0 and (scaling != ours or ranknum != float(config.init_r)):
             raise ValueError(
-                f"module {layer.name!r}: PEFT scales its update by {scaling} / ({ranknum} + 1e-5); "
-                f"adalora_fast's contract is {ours} / ({config.init_r} + 1e-5) (lora_alpha, init_r)"
+                f"module {layer.name!r}: PEFT scales its update by {scaling} / ({ranknum} + {RANKNUM_EPS}); "
+                f"adalora_fast's contract is {ours} / ({config.init_r} + {RANKNUM_EPS}) (lora_alpha, init_r)"
             )
         module_pattern = None if pattern is None else pattern.get(layer.name)
         if pattern is not None and module_pattern is None:
@@ -244,11 +244,11 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
     model.build_allocator()
     alloc = model.rank_allocator
     assert alloc is not None
+    state = alloc.state_dict()
     if scores:
-        alloc.scorer.load_layer_state(scores)
+        state["scores"] = scores
     if masked:
-        alloc.scorer.set_keep(keep)
-        alloc.masked = True
-        alloc.finalized = finalized
-        alloc.budget = alloc.target_bgt if finalized else sum(int(k.sum()) for k in keep.values())
+        budget = alloc.target_bgt if finalized else sum(int(k.sum()) for k in keep.values())
+        state.update(keep=keep, masked=True, finalized=finalized, budget=budget)
+    alloc.load_state_dict(state, "the PEFT model's allocator state")
     return model

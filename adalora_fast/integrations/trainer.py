@@ -23,6 +23,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .wrappers import unwrap_model
 
+# Short names for the callback signatures (transformers passes model, optimizer, logs, ... in **kw).
+Args, State, Control = TrainingArguments, TrainerState, TrainerControl
+
 STATE_DIR = "adalora"  # inside each Trainer checkpoint folder
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 
@@ -33,14 +36,8 @@ class AdaLoraCallback(TrainerCallback):
     def __init__(self) -> None:
         self.budget: int | None = None
 
-    def on_train_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: Any = None,
-        **kw: Any,
-    ) -> None:
+    def on_train_begin(self, args: Args, state: State, control: Control, **kw: Any) -> None:
+        model = kw.get("model")
         adalora = unwrap_model(model)
         config = adalora.adalora_config
         planned = state.max_steps
@@ -72,7 +69,7 @@ class AdaLoraCallback(TrainerCallback):
         if state.global_step > 0 and adalora.rank_allocator is not None:
             self._restore(args, state, adalora)
 
-    def _restore(self, args: TrainingArguments, state: TrainerState, adalora: Any) -> None:
+    def _restore(self, args: Args, state: State, adalora: Any) -> None:
         """Our training state of the checkpoint Trainer resumed from: the one, among
         ``args.resume_from_checkpoint`` and ``output_dir/checkpoint-<step>``, whose adapter weights are
         bitwise those Trainer restored (another run's checkpoint of the same step is never taken)."""
@@ -91,14 +88,8 @@ class AdaLoraCallback(TrainerCallback):
             stacklevel=3,
         )
 
-    def on_train_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: Any = None,
-        **kw: Any,
-    ) -> None:
+    def on_train_end(self, args: Args, state: State, control: Control, **kw: Any) -> None:
+        model = kw.get("model")
         # load_best_model_at_end: Trainer has put the best checkpoint's weights back; its masks and
         # scores must follow, or save_pretrained would prune with the last step's pattern.
         best = state.best_model_checkpoint
@@ -111,26 +102,14 @@ class AdaLoraCallback(TrainerCallback):
                     stacklevel=2,
                 )
 
-    def on_optimizer_step(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: Any = None,
-        optimizer: Any = None,
-        **kw: Any,
-    ) -> None:
+    def on_optimizer_step(self, args: Args, state: State, control: Control, **kw: Any) -> None:
+        model = kw.get("model")
+        optimizer = kw.get("optimizer")
         # Called after optimizer.step() and before zero_grad(); global_step is still the 0-based step.
         self.budget = unwrap_model(model).update_and_allocate(state.global_step, optimizer=optimizer)
 
-    def on_save(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: Any = None,
-        **kw: Any,
-    ) -> None:
+    def on_save(self, args: Args, state: State, control: Control, **kw: Any) -> None:
+        model = kw.get("model")
         if not args.should_save:
             return  # every rank holds the same adapter and scores; Trainer's writers write them
         folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
@@ -143,15 +122,9 @@ class AdaLoraCallback(TrainerCallback):
                 stacklevel=2,
             )
 
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: Any = None,
-        logs: dict[str, Any] | None = None,
-        **kw: Any,
-    ) -> None:
+    def on_log(self, args: Args, state: State, control: Control, **kw: Any) -> None:
+        model = kw.get("model")
+        logs = kw.get("logs")
         if logs is None or model is None or self.budget is None:
             return
         extra = {"adalora/budget": self.budget, "adalora/kept_rank": unwrap_model(model).total_kept_rank()}
