@@ -18,6 +18,7 @@ from torch import nn
 from .allocator import RankAllocator, check_state, reject_sharded_adapters
 from .checkpoint import lora_export, peft_format, training_state
 from .checkpoint.files import to_cpu
+from .checkpoint.reader import read_checkpoint
 from .config import AdaLoraConfig
 from .factors import FACTORS, check_factor_shapes, expand_pattern
 from .functional import orth_regularization
@@ -301,59 +302,20 @@ class AdaLoraModel(nn.Module):
         ``is_trainable=True`` resumes from our training state when the folder has one (it must belong
         to the folder's weights), else from the PEFT weights. Everything is checked against the model
         before the model is touched: nothing is half-loaded."""
-        root = Path(path)
-        config = peft_format.read_config(root)
+        ckpt = read_checkpoint(path, trainable=is_trainable)
+        config, state = ckpt.config, ckpt.state
         if backend is not None:
             config.backend = backend
-        weights_path = root / peft_format.WEIGHTS_NAME
-        weights = peft_format.read_weights(root)
-        state = training_state.read_training_state(root) if is_trainable else None
-        if state is not None and state.compact_after_final is not None:
-            config.compact_after_final = bool(state.compact_after_final)  # ours: not in adapter_config.json
-
         targets = find_target_modules(model, config.target_modules, config.exclude_modules)
-        extra = sorted(set(weights) - set(targets))
-        missing = sorted(set(targets) - set(weights))
-        if extra:
-            raise ValueError(f"{weights_path}: module {extra[0]!r} is not an adapted module of this model")
-        if missing:
-            raise ValueError(f"{weights_path}: no weights for module {missing[0]!r} of this model")
-        config_path = root / peft_format.CONFIG_NAME
-        pattern_cfg = peft_format.parse_rank_pattern(config.rank_pattern, source=str(config_path)) or {}
-        per_layer: dict[str, dict[str, torch.Tensor]] = {}
-        held: dict[str, list[bool] | None] = {}
-        for name in targets:
-            if state is not None:
-                tensors = state.factors(name)
-                if any(t is None for t in tensors.values()):
-                    raise ValueError(f"{state.path}: no full weights for module {name!r}")
-                r = _check_layer(name, model.get_submodule(name), tensors, str(state.path))
-                held[name] = state.held_pattern(name)
-            else:
-                tensors = weights[name]
-                r = _check_layer(name, model.get_submodule(name), tensors, str(weights_path))
-                pattern = pattern_cfg.get(name)
-                if pattern is not None and (len(pattern) != config.init_r or sum(pattern) != r):
-                    raise ValueError(
-                        f"{config_path}: rank_pattern of {name!r} keeps {sum(pattern)} of "
-                        f"{len(pattern)} ranks but the weights have rank {r} (init_r={config.init_r})"
-                    )
-                if pattern is None and r != config.init_r:
-                    raise ValueError(
-                        f"{weights_path}: module {name!r} has rank {r}, init_r is {config.init_r}"
-                    )
-                held[name] = pattern if pattern is not None and r != config.init_r else None
-            if r != config.init_r and held[name] is None:
-                where = state.path if state is not None else weights_path
-                raise ValueError(f"{where}: module {name!r} has rank {r} but no recorded pattern")
-            per_layer[name] = tensors
+        sizes = {name: _sizes(name, model.get_submodule(name), ckpt.source) for name in targets}
+        factors, held = ckpt.select(sizes)
         if state is not None:
-            shapes = {n: {k: tuple(t.shape) for k, t in fs.items()} for n, fs in per_layer.items()}
+            shapes = {n: {k: tuple(t.shape) for k, t in fs.items()} for n, fs in factors.items()}
             check_state(state.allocator_state(), shapes, str(state.path))
 
         wrapped = cls(model, config, is_trainable=False)
         for name, layer in wrapped.adapted_layers:
-            tensors = per_layer[name]
+            tensors = factors[name]
             r = tensors["lora_A"].shape[0]
             if r != layer.r:
                 layer.resize(r, held[name])
@@ -478,10 +440,10 @@ def get_adalora_model(model: nn.Module, config: AdaLoraConfig) -> AdaLoraModel:
     return AdaLoraModel(model, config)
 
 
-def _check_layer(name: str, base: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> int:
-    """The rank of the saved factors of module ``name``, checked against the model's base layer."""
+def _sizes(name: str, base: nn.Module, source: Path) -> tuple[int, int]:
+    """(d_in, d_out) of the model's module ``name``, which a checkpoint ``source`` adapts."""
     try:
         d_in, d_out, _ = base_features(base)
     except TypeError as err:
         raise ValueError(f"{source}: module {name!r} of the model is {type(base).__name__}: {err}") from None
-    return check_factor_shapes(tensors, d_in, d_out, f"{source}: module {name!r}")
+    return d_in, d_out
