@@ -118,9 +118,7 @@ def resolve(op: str, requested: str, device: torch.device) -> str:
     return "triton"
 
 
-def choose(
-    op: str, requested: str, device: torch.device, unsupported: Callable[[], str | None]
-) -> Choice:
+def choose(op: str, requested: str, device: torch.device, unsupported: Callable[[], str | None]) -> Choice:
     """:func:`resolve`, then the kernel's own verdict on this call (``unsupported()``, the kernel
     module's ``unsupported_reason``, asked only when Triton would run). The reason is not warned
     about here: :func:`fall_back` does that where the op runs."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import AdaLoraConfig
 from .model import get_adalora_model
+from .testing import random_llama
 
 PLANTED = ("model.layers.0.self_attn.v_proj", "model.layers.2.mlp.up_proj", "model.layers.3.mlp.down_proj")
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,14 +35,7 @@ LOSS_SCALE = 1000.0  # weighs the distillation loss against the regulariser (ort
 
 def build_base(seed: int = 0, vocab: int = 256, hidden: int = 128, layers: int = 4) -> nn.Module:
     """A small Llama with random weights (a stand-in for a pretrained model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(layers, hidden, 2 * hidden, vocab, seed, max_positions=128).eval()
 
 
 @torch.no_grad()

@@ -74,9 +74,7 @@ def factor_shapes(r: int, d_in: int, d_out: int) -> dict[str, tuple[int, int]]:
     return {"lora_A": (r, d_in), "lora_E": (r, 1), "lora_B": (d_out, r)}
 
 
-def check_factor_shapes(
-    tensors: Mapping[str, torch.Tensor | None], d_in: int, d_out: int, where: str
-) -> int:
+def check_factor_shapes(tensors: Mapping[str, torch.Tensor | None], d_in: int, d_out: int, where: str) -> int:
     """The rank of a layer's factors ``{"lora_A", "lora_E", "lora_B": tensor}``; ``ValueError`` naming
     ``where`` (e.g. "<file>: module 'x'") if one is missing or does not fit ``d_in -> d_out``."""
     for kind in FACTORS:

@@ -92,7 +92,6 @@ def svd_linear(
     return result
 
 
-
 # ---- the orthogonal regulariser -----------------------------------------------------------------
 def _group_by_shape(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     groups: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)

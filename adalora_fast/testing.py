@@ -1,8 +1,42 @@
-"""Comparison helpers shared by the test suite and the benchmarks' correctness checks."""
+"""Helpers shared by the demo, the test suite and the benchmarks: a randomly initialised Llama built
+from its config (no downloads) and the max-relative-error comparison."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def random_llama(
+    layers: int = 2,
+    hidden: int = 32,
+    intermediate: int = 48,
+    vocab: int = 64,
+    seed: int = 0,
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """A ``LlamaForCausalLM`` from a ``LlamaConfig`` with random weights drawn after
+    ``torch.manual_seed(seed)`` (one seed, one set of weights): a stand-in for a pretrained model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden={hidden}, heads={heads}, kv_heads={kv_heads} do not divide")
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
 def max_rel_err(

@@ -293,6 +293,6 @@ class RankAllocator:
         self.finalized = bool(state["finalized"])
         if state.get("nonfinite_steps") is not None:
             counter = self.scorer.nonfinite_steps
-            self.scorer.nonfinite_steps = state["nonfinite_steps"].reshape(()).to(
-                device=counter.device, dtype=torch.int64
+            self.scorer.nonfinite_steps = (
+                state["nonfinite_steps"].reshape(()).to(device=counter.device, dtype=torch.int64)
             )

@@ -157,4 +157,3 @@ class TritonScorer(FlatScorer):
             parts = [state[f"{name}.{kind}.{tag}"].reshape(-1) for kind in FACTORS for name in self.names]
             bufs[tag] = torch.cat(parts).to(device=self.flat_E.device, dtype=torch.float32)
         self._flat_ipt, self._flat_unc = bufs["ema_ipt"], bufs["ema_unc"]
-

@@ -85,4 +85,3 @@ def read_checkpoint(path: str | Path, trainable: bool) -> Checkpoint:
     if state is not None and state.compact_after_final is not None:
         config.compact_after_final = bool(state.compact_after_final)  # ours: not in adapter_config.json
     return Checkpoint(root, config, weights, state)
-
