@@ -134,17 +134,17 @@ if want gpu_tests; then
     step "tests -m gpu" 75 "$TEST_LOG" "${TEST_ENV[@]}" "$PY" -m pytest -q -rfEs --tb=short "${XDIST[@]}" -m gpu tests
     test_rc "tests -m gpu"
 fi
-# Kernel tests: the fused layer's op, every tests/test_kernel_*.py (x_at, xt_s, xw_plus_sb,
+# Kernel tests: the fused layer's op, every tests/kernels/test_*.py (x_at, xt_s, xw_plus_sb,
 # importance_ema, orth_defect, ...) and the Triton allocator scorer; their GPU-marked tests ran above.
 shopt -s nullglob
 KERNEL_TESTS=()
-for f in tests/test_svd_linear_op.py tests/test_kernel_*.py tests/test_allocator_triton.py; do
+for f in tests/kernels/test_*.py tests/allocator/test_triton_scorer.py; do
     [[ -e $f ]] && KERNEL_TESTS+=("$f")
 done
 shopt -u nullglob
 kernel_tests() {
     if ((${#KERNEL_TESTS[@]} == 0)); then
-        note "kernel tests: MISSING (no tests/test_svd_linear_op.py nor tests/test_kernel_*.py yet); skipped"
+        note "kernel tests: MISSING (no tests/kernels/test_*.py yet); skipped"
         return 0
     fi
     LAST_RC=0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from _models import tiny_llama
 
 import adalora_fast as af
 from adalora_fast.config import BACKEND_ENV
+from tests.helpers import tiny_llama
 
 peft = pytest.importorskip("peft")
 

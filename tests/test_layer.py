@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from _models import LLAMA_PROJ, max_rel_err, tiny_gpt2, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -14,6 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 import adalora_fast as af
 from adalora_fast.layer import SVDLinear
+from adalora_fast.testing import max_rel_err
+from tests.helpers import LLAMA_PROJ, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 

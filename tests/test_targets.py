@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from _models import LLAMA_PROJ, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adalora_fast as af
 from adalora_fast.targets import find_target_modules
+from tests.helpers import LLAMA_PROJ, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _llama_names(layers: int = 2, projs=LLAMA_PROJ) -> list[str]:

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from _models import max_rel_err
-from conftest import LLAMA_PROJ, batches, tiny_gpt2, tiny_llama
-from test_merge import _trained
+
+from adalora_fast.testing import max_rel_err
+from tests.helpers import LLAMA_PROJ, batches, tiny_gpt2, tiny_llama, trained_model
 
 peft = pytest.importorskip("peft")
 
@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 def test_exported_lora_loads_in_peft_with_equal_outputs(which, tmp_path):
     base = tiny_llama(2) if which == "llama" else tiny_gpt2(2)
     targets = LLAMA_PROJ if which == "llama" else ["c_attn", "c_proj", "c_fc"]
-    model = _trained(base, targets).eval()
+    model = trained_model(base, targets).eval()
     ranks = model.export_lora(tmp_path)
 
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())

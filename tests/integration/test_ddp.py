@@ -2,9 +2,10 @@
 training on the whole batch (same ranks kept, same adapter weights), and both ranks agree bit for bit.
 FSDP2 (``fully_shard``) is refused with a clear error.
 
-The tests launch this file as a script, once per rank (``python tests/test_ddp.py SCENARIO RANK ...``),
-with a ``FileStore`` rendezvous in ``tmp_path`` (no port to pick, so no port race), a 60 s timeout on
-every collective and a wall-clock limit on the whole launch, so a stuck rank fails the test instead of
+The tests launch this file as a script, once per rank (``python tests/integration/test_ddp.py SCENARIO
+RANK ...``, the repository root on ``PYTHONPATH`` so that the script imports ``tests.helpers``), with a
+``FileStore`` rendezvous in ``tmp_path`` (no port to pick, so no port race), a 60 s timeout on every
+collective and a wall-clock limit on the whole launch, so a stuck rank fails the test instead of
 hanging it.
 """
 
@@ -21,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import LLAMA_PROJ, batches, tiny_llama
 
 import adalora_fast as af
+from tests.helpers import LLAMA_PROJ, batches, tiny_llama
 
 WORLD = 2
 GLOBAL_BATCH = 4  # rows per step; each rank takes GLOBAL_BATCH // WORLD of them
@@ -36,6 +37,7 @@ SCHEDULE = {"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "t
 KINDS = ("lora_A", "lora_E", "lora_B")
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 LAUNCH_TIMEOUT_S = 240
+REPO_ROOT = Path(__file__).resolve().parents[2]  # on the ranks' PYTHONPATH: they import tests.helpers
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -143,6 +145,7 @@ def _launch(scenario: str, tmp_path: Path) -> None:
     """Run ``scenario`` on WORLD ranks (one process each); fail with their output if any rank fails or
     the launch outlives LAUNCH_TIMEOUT_S."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     store = tmp_path / f"{scenario}.store"
     logs = [tmp_path / f"{scenario}_rank{r}.log" for r in range(WORLD)]
     procs = []

@@ -9,26 +9,26 @@ import copy
 
 import pytest
 import torch
-from _models import max_rel_err
-from _peft_helpers import fix_pattern_with_module_at_rank_zero, peft_adalora, train_peft
-from conftest import LLAMA_PROJ, batches, tiny_gpt2, tiny_llama
 
 import adalora_fast as af
-from adalora_fast.checkpoint.peft_format import parse_rank_pattern
+from adalora_fast.testing import max_rel_err
+from tests.helpers import (
+    LLAMA_PROJ,
+    batches,
+    fix_pattern_with_module_at_rank_zero,
+    logits,
+    peft_adalora,
+    peft_pattern,
+    tiny_gpt2,
+    tiny_llama,
+    train_peft,
+    train_side_by_side,
+)
 
 peft = pytest.importorskip("peft")
 
 SCHEDULE = dict(init_r=6, target_r=3, tinit=2, tfinal=3, deltaT=2, total_step=20)
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
-
-
-def _peft_pattern(pm) -> dict[str, list[bool]] | None:
-    return parse_rank_pattern(pm.peft_config["default"].rank_pattern, "default")
-
-
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 @pytest.mark.parametrize("convert_at", [0, 7, 18], ids=["fresh", "budget-phase", "final-phase"])
@@ -38,7 +38,7 @@ def test_conversion_continues_peft_training_exactly(convert_at):
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     train_peft(pm, opt, range(convert_at))
     if convert_at == 7:
-        assert _peft_pattern(pm) is not None and pm.base_model.rankallocator.exp_avg_ipt
+        assert peft_pattern(pm) is not None and pm.base_model.rankallocator.exp_avg_ipt
     pm_ref, opt_ref = copy.deepcopy((pm, opt))
     params = {
         name: {k: getattr(m, k)["default"] for k in ("lora_A", "lora_E", "lora_B")}
@@ -55,22 +55,7 @@ def test_conversion_continues_peft_training_exactly(convert_at):
     assert sorted(ours.adalora_config.target_modules) == sorted(LLAMA_PROJ)
 
     data = batches(SCHEDULE["total_step"] + 2)
-    for step in range(convert_at, len(data)):
-        x = data[step]
-        loss_p = pm_ref(input_ids=x, labels=x).loss
-        loss_o = ours(input_ids=x, labels=x).loss
-        torch.testing.assert_close(loss_o, loss_p, rtol=1e-5, atol=0, msg=f"loss differs at step {step}")
-        loss_p.backward()
-        loss_o.backward()
-        opt_ref.step()
-        opt.step()
-        pm_ref.base_model.update_and_allocate(step)
-        ours.update_and_allocate(step)
-        expected = _peft_pattern(pm_ref)
-        if expected is not None:
-            assert ours.rank_pattern == expected, f"rank pattern differs at step {step}"
-        opt_ref.zero_grad()
-        opt.zero_grad()
+    train_side_by_side(pm_ref, ours, opt_ref, opt, data, range(convert_at, len(data)))
     kept = sum(sum(p) for p in ours.rank_pattern.values())
     assert kept == SCHEDULE["target_r"] * len(ours.adapted_names)
     ref_layers = dict(pm_ref.base_model.model.named_modules())
@@ -99,15 +84,15 @@ def test_live_gpt2_with_a_rank0_module_converts_with_equal_outputs_and_saves_pef
     base, pm = _pruned_gpt2_peft(tmp_path / "peft")
     pm.eval()
     x = batches(1, seed=5)[0]
-    expected = _logits(pm, x)
-    pattern = _peft_pattern(pm)
+    expected = logits(pm, x)
+    pattern = peft_pattern(pm)
     ours = af.from_peft(pm)
     assert all(layer.fan_in_fan_out for _, layer in ours.adapted_layers)
     assert ours.rank_allocator.finalized and ours.rank_allocator.masked
     assert ours.rank_pattern == pattern
     assert ours.kept_ranks()["transformer.h.0.attn.c_proj"] == 0
-    assert max_rel_err(_logits(ours, x), expected) <= 1e-6
-    assert max_rel_err(_logits(base, x), expected) > 1e-4, "the adapter must matter"
+    assert max_rel_err(logits(ours, x), expected) <= 1e-6
+    assert max_rel_err(logits(base, x), expected) > 1e-4, "the adapter must matter"
     # Our checkpoint of the converted model is PEFT's checkpoint of the live one, tensor for tensor.
     from safetensors.torch import load_file
 
@@ -124,7 +109,7 @@ def test_peft_model_loaded_pruned_converts_like_our_loader(tmp_path, is_trainabl
     base, _ = _pruned_gpt2_peft(tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=is_trainable).eval()
     x = batches(1, seed=5)[0]
-    expected = _logits(loaded, x)
+    expected = logits(loaded, x)
     ours = af.from_peft(loaded)
     direct = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=is_trainable).eval()
     assert ours.is_trainable == is_trainable == (ours.rank_allocator is not None)
@@ -132,8 +117,8 @@ def test_peft_model_loaded_pruned_converts_like_our_loader(tmp_path, is_trainabl
     assert ours.rank_pattern == direct.rank_pattern
     assert {n: m.r for n, m in ours.adapted_layers} == {n: m.r for n, m in direct.adapted_layers}
     assert ours.model.get_submodule("transformer.h.0.attn.c_proj").r == 0
-    assert max_rel_err(_logits(ours, x), expected) <= 1e-6
-    assert max_rel_err(_logits(direct, x), expected) <= 1e-6
+    assert max_rel_err(logits(ours, x), expected) <= 1e-6
+    assert max_rel_err(logits(direct, x), expected) <= 1e-6
     assert all(p.requires_grad == is_trainable for n, p in ours.named_parameters() if "lora_" in n)
 
 
@@ -148,12 +133,12 @@ def test_not_a_peft_adalora_model_is_refused():
 def test_merged_peft_model_is_refused_and_left_as_it_was():
     pm = peft_adalora(tiny_llama(1), ["q_proj", "v_proj"], total_step=10)
     x = batches(1)[0]
-    before = _logits(pm, x)
+    before = logits(pm, x)
     pm.merge_adapter()
     with pytest.raises(ValueError, match=r"q_proj'.*merged.*unmerge_adapter"):
         af.from_peft(pm)
     pm.unmerge_adapter()
-    assert max_rel_err(_logits(pm, x), before) <= 1e-6
+    assert max_rel_err(logits(pm, x), before) <= 1e-6
     assert af.from_peft(pm) is not None  # and it converts once unmerged
 
 
@@ -183,14 +168,14 @@ def test_other_adapters_are_dropped_and_the_chosen_one_matches_peft():
                 p.normal_(0, 0.5)
     pm.set_adapter("second")
     x = batches(1)[0]
-    expected = _logits(pm, x)
+    expected = logits(pm, x)
     ours = af.from_peft(pm, adapter_name="second")
     from peft.tuners.adalora.layer import AdaLoraLayer
 
     assert not any(isinstance(m, AdaLoraLayer) for m in ours.modules())
     assert ours.adapted_names == ["model.layers.0.self_attn.o_proj"]
-    assert max_rel_err(_logits(ours, x), expected) <= 1e-6
-    assert max_rel_err(_logits(base, x), expected) > 1e-4, "the adapter must matter"
+    assert max_rel_err(logits(ours, x), expected) <= 1e-6
+    assert max_rel_err(logits(base, x), expected) > 1e-4, "the adapter must matter"
 
 
 def test_adapter_that_trains_biases_is_refused():

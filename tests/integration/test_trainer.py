@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-from conftest import LLAMA_PROJ, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import adalora_fast as af
+from tests.helpers import LLAMA_PROJ, tiny_llama
 
 SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1)
 

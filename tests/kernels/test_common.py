@@ -4,7 +4,7 @@ On the GPU a TF32 product drops the low 13 mantissa bits of each fp32 operand; `
 therefore multiplies by a head that is exactly representable in TF32 and by the tail (``v - head``),
 whose own TF32 rounding costs only ~2^-22 relative. These checks run the helper itself (in the
 interpreter on the CPU, compiled on CUDA); GPU numerics of the dots are covered by the fp16 tests of
-tests/test_svd_linear_op.py.
+tests/kernels/test_svd_linear.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import kernel_devices
+
+from tests.helpers import kernel_devices
 
 common = pytest.importorskip("adalora_fast.kernels._common")
 DEVICES = kernel_devices()

@@ -8,19 +8,28 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_PROJ, batches, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
-from test_allocator import HOST_SYNC_OPS, VIEW_OPS, _aten_ops
 
 import adalora_fast as af
 from adalora_fast.allocator import FlatScorer, ReferenceScorer
 from adalora_fast.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME
+from adalora_fast.factors import FACTORS as KINDS
 from adalora_fast.reference import orth_regularization as reference_orth_reg
+from tests.helpers import (
+    HOST_SYNC_OPS,
+    LLAMA_PROJ,
+    VIEW_OPS,
+    aten_ops,
+    batches,
+    logits,
+    tiny_gpt2,
+    tiny_llama,
+    trainable_params,
+)
 
 # Mask steps 4, 6, ..., final pattern at step 22 (= total_step - tfinal), then 7 more steps.
 SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 3, "tfinal": 8, "deltaT": 2, "total_step": 30}
 FINAL = SCHEDULE["total_step"] - SCHEDULE["tfinal"]
-KINDS = ("lora_A", "lora_E", "lora_B")
 
 
 def _config(**cfg):
@@ -33,10 +42,6 @@ def _new(base, seed=5, **cfg):
     torch.manual_seed(seed)
     config = _config(**cfg) if "target_modules" not in cfg else af.AdaLoraConfig(**{**SCHEDULE, **cfg})
     return af.get_adalora_model(copy.deepcopy(base), config)
-
-
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _adapter_params(model):
@@ -59,11 +64,6 @@ def _train(model, opt, steps, data, pass_optimizer=True):
 def _eval_loss(model, x):
     with torch.no_grad():
         return model(input_ids=x, labels=x).loss
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def _kept_budget_params(model):
@@ -91,7 +91,7 @@ def test_compact_after_final_equals_soft_masking(builder):
     runs = {}
     for compact in (False, True):
         model = _new(base, orth_reg_weight=0.0, compact_after_final=compact, **extra)
-        opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+        opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
         params_before = [id(p) for p in _adapter_params(model)]
         losses = _train(model, opt, range(steps), data)
         losses["eval"] = _eval_loss(model, data[steps])
@@ -103,7 +103,7 @@ def test_compact_after_final_equals_soft_masking(builder):
         _assert_rel_close(comp_losses[step], loss)
     x = data[0]
     soft.eval(), compacted.eval()
-    torch.testing.assert_close(_logits(compacted, x), _logits(soft, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(compacted, x), logits(soft, x), rtol=1e-5, atol=1e-6)
     assert compacted.rank_pattern == soft.rank_pattern
     assert all(len(p) == SCHEDULE["init_r"] for p in compacted.rank_pattern.values())
     n_params = sum(p.numel() for p in _adapter_params(compacted))
@@ -126,7 +126,7 @@ def test_compact_after_final_equals_soft_masking(builder):
 def test_compaction_happens_at_the_final_step_and_later_steps_are_free():
     data = batches(SCHEDULE["total_step"])
     model = _new(tiny_llama(seed=0), compact_after_final=True)
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
     _train(model, opt, range(FINAL), data)
     assert not model.compacted and all(layer.r == 4 for _, layer in model.adapted_layers)
     _train(model, opt, [FINAL], data)
@@ -136,7 +136,7 @@ def test_compaction_happens_at_the_final_step_and_later_steps_are_free():
     x = data[FINAL + 1]
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
-    ops = _aten_ops(lambda: model.update_and_allocate(FINAL + 1, optimizer=opt))
+    ops = aten_ops(lambda: model.update_and_allocate(FINAL + 1, optimizer=opt))
     assert not HOST_SYNC_OPS & set(ops)
     assert sum(v for k, v in ops.items() if k not in VIEW_OPS) == 0, ops
     assert (
@@ -149,7 +149,7 @@ def test_compaction_happens_at_the_final_step_and_later_steps_are_free():
 def test_missing_optimizer_is_a_clear_error_and_changes_nothing():
     data = batches(SCHEDULE["total_step"])
     model = _new(tiny_llama(seed=0), compact_after_final=True)
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
     _train(model, opt, range(FINAL), data)  # the optimizer is not needed before the final step
     x = data[FINAL]
     model(input_ids=x, labels=x).loss.backward()
@@ -167,7 +167,7 @@ def test_missing_optimizer_is_a_clear_error_and_changes_nothing():
 def test_optimizer_state_is_sliced_and_training_continues():
     data = batches(SCHEDULE["total_step"])
     model = _new(tiny_llama(seed=0))
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
     _train(model, opt, range(FINAL + 1), data)
     soft_model, soft_opt = copy.deepcopy((model, opt))  # one deepcopy keeps the param -> state mapping
     pattern = model.rank_pattern
@@ -202,7 +202,7 @@ def test_optimizer_state_is_sliced_and_training_continues():
 def test_any_optimizer_with_param_shaped_state(make_opt):
     data = batches(SCHEDULE["total_step"])
     model = _new(tiny_llama(seed=0), compact_after_final=True)
-    opt = make_opt(_trainable(model))
+    opt = make_opt(trainable_params(model))
     _train(model, opt, range(FINAL + 3), data)
     assert model.compacted
     for p in _adapter_params(model):
@@ -224,7 +224,7 @@ def test_unsliceable_optimizer_state_is_refused_before_anything_changes():
 
     data = batches(SCHEDULE["total_step"])
     model = _new(tiny_llama(seed=0))
-    opt = Factored(_trainable(model), lr=1e-2)
+    opt = Factored(trainable_params(model), lr=1e-2)
     _train(model, opt, range(FINAL + 1), data)
     shapes = [p.shape for p in _adapter_params(model)]
     with pytest.raises(ValueError, match=r"cannot compact model\.layers\.0\..*'row_sq'"):
@@ -235,7 +235,7 @@ def test_unsliceable_optimizer_state_is_refused_before_anything_changes():
 def test_compact_before_any_mask_is_a_no_op_and_mid_budget_is_an_error():
     data = batches(SCHEDULE["total_step"])
     model = _new(tiny_llama(seed=0))
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
     shapes = [p.shape for p in _adapter_params(model)]
     assert model.compact(optimizer=opt) is False  # nothing is masked yet
     _train(model, opt, range(3), data)  # warm-up: still no mask
@@ -256,7 +256,7 @@ def _finalized_with_rank0_layer(base):
     """Trained to the final step; then layer 1 keeps nothing and layer 2 keeps everything."""
     data = batches(SCHEDULE["total_step"])
     model = _new(base)
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
     _train(model, opt, range(FINAL + 1), data)
     scorer = model.rank_allocator.scorer
     keep = {n: k.clone() for n, k in scorer.keep_by_layer().items()}
@@ -279,18 +279,18 @@ def test_rank0_layers_compact_train_and_save(tmp_path):
     assert sum(comp.rank_pattern[comp.adapted_names[1]]) == 0
     x = data[0]
     soft.eval(), comp.eval()
-    torch.testing.assert_close(_logits(comp, x), _logits(soft, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(comp, x), logits(soft, x), rtol=1e-5, atol=1e-6)
     # Training goes on (rank-0 parameters are empty; AdamW steps them) with the same outputs as soft masking.
     soft.train(), comp.train()
     for m, o in ((soft, soft_opt), (comp, comp_opt)):
         m.adalora_config.orth_reg_weight = 0.0
         _train(m, o, range(FINAL + 1, FINAL + 4), data)
     soft.eval(), comp.eval()
-    torch.testing.assert_close(_logits(comp, x), _logits(soft, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(comp, x), logits(soft, x), rtol=1e-5, atol=1e-6)
     comp.save_pretrained(tmp_path)
     loaded = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert loaded.model.get_submodule(comp.adapted_names[1]).r == 0
-    torch.testing.assert_close(_logits(loaded, x), _logits(comp, x), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logits(loaded, x), logits(comp, x), rtol=1e-6, atol=1e-7)
 
 
 def test_saving_a_compacted_model_gives_the_soft_masked_checkpoint(tmp_path):
@@ -320,7 +320,7 @@ def test_saving_a_compacted_model_gives_the_soft_masked_checkpoint(tmp_path):
             copy.deepcopy(base), tmp_path / "comp", is_trainable=trainable
         )
         loaded.eval()
-        torch.testing.assert_close(_logits(loaded, x), _logits(comp, x), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(logits(loaded, x), logits(comp, x), rtol=1e-6, atol=1e-7)
         assert loaded.rank_pattern == soft.rank_pattern
     # The PEFT-format files alone (no training state) load as well, also for training.
     (tmp_path / "comp" / STATE_NAME).unlink()
@@ -329,7 +329,7 @@ def test_saving_a_compacted_model_gives_the_soft_masked_checkpoint(tmp_path):
             copy.deepcopy(base), tmp_path / "comp", is_trainable=trainable
         )
         loaded.eval()
-        torch.testing.assert_close(_logits(loaded, x), _logits(comp, x), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(logits(loaded, x), logits(comp, x), rtol=1e-6, atol=1e-7)
 
 
 def test_compacted_checkpoint_loads_in_peft(tmp_path):
@@ -340,7 +340,7 @@ def test_compacted_checkpoint_loads_in_peft(tmp_path):
     model.save_pretrained(tmp_path)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     model.eval()
-    torch.testing.assert_close(_logits(pm, data[2]), _logits(model, data[2]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(pm, data[2]), logits(model, data[2]), rtol=1e-5, atol=1e-6)
 
 
 def test_resume_of_a_compacted_model_is_bit_identical(tmp_path):
@@ -349,10 +349,10 @@ def test_resume_of_a_compacted_model_is_bit_identical(tmp_path):
     base = tiny_llama(seed=0)
     ref = _new(base, compact_after_final=True)
     first = copy.deepcopy(ref)
-    opt = torch.optim.AdamW(_trainable(ref), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(ref), lr=1e-2)
     _train(ref, opt, range(steps), data)
 
-    opt1 = torch.optim.AdamW(_trainable(first), lr=1e-2)
+    opt1 = torch.optim.AdamW(trainable_params(first), lr=1e-2)
     _train(first, opt1, range(FINAL + 3), data)
     assert first.compacted
     first.save_pretrained(tmp_path)
@@ -361,7 +361,7 @@ def test_resume_of_a_compacted_model_is_bit_identical(tmp_path):
     second = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     assert second.compacted and second.adalora_config.compact_after_final
     assert second.rank_pattern == first.rank_pattern
-    opt2 = torch.optim.AdamW(_trainable(second), lr=1e-2)
+    opt2 = torch.optim.AdamW(trainable_params(second), lr=1e-2)
     opt2.load_state_dict(torch.load(tmp_path / "opt.pt"))
     _train(second, opt2, range(FINAL + 3, steps), data)
     assert second.rank_pattern == ref.rank_pattern
@@ -375,12 +375,12 @@ def test_compact_after_final_survives_save_before_the_final_step(tmp_path):
     data = batches(SCHEDULE["total_step"])
     base = tiny_llama(seed=0)
     model = _new(base, compact_after_final=True)
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
     _train(model, opt, range(10), data)
     model.save_pretrained(tmp_path)
     loaded = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     assert loaded.adalora_config.compact_after_final and not loaded.compacted
-    opt2 = torch.optim.AdamW(_trainable(loaded), lr=1e-2)
+    opt2 = torch.optim.AdamW(trainable_params(loaded), lr=1e-2)
     _train(loaded, opt2, range(10, FINAL + 1), data)
     assert loaded.compacted
 
@@ -388,7 +388,7 @@ def test_compact_after_final_survives_save_before_the_final_step(tmp_path):
 def test_scorer_after_compaction_and_stale_flat_binding():
     data = batches(SCHEDULE["total_step"])
     model = _new(tiny_llama(seed=0))
-    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_params(model), lr=1e-2)
     _train(model, opt, range(FINAL + 1), data)
     flat = model.rank_allocator.scorer
     assert isinstance(flat, FlatScorer)
@@ -418,7 +418,7 @@ def test_regulariser_after_compaction_sees_only_kept_ranks():
     torch.testing.assert_close(comp.orth_regularization(), reference_orth_reg(As, Bs), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(comp.orth_regularization(), soft.orth_regularization())
     soft.eval(), comp.eval()
-    torch.testing.assert_close(_logits(comp, data[0]), _logits(soft, data[0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(comp, data[0]), logits(soft, data[0]), rtol=1e-5, atol=1e-6)
 
 
 def test_fused_layer_runs_compacted_ranks():
@@ -427,8 +427,8 @@ def test_fused_layer_runs_compacted_ranks():
     soft, soft_opt, data = _finalized_with_rank0_layer(base)
     comp = copy.deepcopy(soft)
     comp.compact()
-    expected = _logits(soft.eval(), data[0])
+    expected = logits(soft.eval(), data[0])
     for _, layer in comp.adapted_layers:
         layer.backend = "triton"
     comp.eval()
-    torch.testing.assert_close(_logits(comp, data[0]), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(comp, data[0]), expected, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import max_rel_err
-from conftest import kernel_devices
+
+from adalora_fast.testing import max_rel_err
+from tests.helpers import kernel_devices
 
 x_at_mod = pytest.importorskip("adalora_fast.kernels.x_at")
 from adalora_fast.kernels.dropout_mask import dropout_mask  # noqa: E402

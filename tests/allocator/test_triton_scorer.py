@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_PROJ, kernel_devices, tiny_llama
 from torch.profiler import ProfilerActivity, profile
 
 import adalora_fast as af
+from tests.helpers import LLAMA_PROJ, kernel_devices, tiny_llama
 
 pytest.importorskip("adalora_fast.kernels.importance_ema")
 from adalora_fast.kernels import importance_ema  # noqa: E402
 
 from adalora_fast.allocator import FlatScorer  # noqa: E402
 from adalora_fast.allocator.triton_scorer import TritonScorer  # noqa: E402
+from adalora_fast.factors import FACTORS as KINDS
 
 DEVICES = kernel_devices()
-KINDS = ("lora_A", "lora_E", "lora_B")
 
 
 def _model(backend, device, num_layers=1, **cfg):

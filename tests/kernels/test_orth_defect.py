@@ -14,12 +14,11 @@ from collections import Counter
 
 import pytest
 import torch
-from _models import max_rel_err
-from conftest import kernel_devices
-from test_regularizer import MIXED, float64_value_and_grads, orthonormal_factors, random_factors
 
 import adalora_fast as af
 from adalora_fast import backend
+from adalora_fast.testing import max_rel_err
+from tests.helpers import MIXED, float64_value_and_grads, kernel_devices, orthonormal_factors, random_factors
 
 od = pytest.importorskip("adalora_fast.kernels.orth_defect")
 DEVICES = kernel_devices()
@@ -262,7 +261,7 @@ def test_dispatch(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["fp64", "mixed_dtype", "rank129"])
 def test_unsupported_inputs_fall_back_to_torch(device, case, monkeypatch):
-    monkeypatch.setattr(backend, "_WARNED", set())
+    backend.reset_warnings()
     As, Bs = factors([(3, 7, 5), (4, 9, 6)], 10, device)
     if case == "fp64":
         As, Bs = [a.double() for a in As], [b.double() for b in Bs]

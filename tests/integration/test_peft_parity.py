@@ -6,16 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import LLAMA_PROJ, batches, tiny_llama
 
 import adalora_fast as af
-from adalora_fast.checkpoint.peft_format import parse_rank_pattern
+from tests.helpers import LLAMA_PROJ, batches, tiny_llama, train_side_by_side
 
 peft = pytest.importorskip("peft")
-
-
-def _peft_pattern(peft_model) -> dict[str, list[bool]] | None:
-    return parse_rank_pattern(peft_model.peft_config["default"].rank_pattern, "default")
 
 
 @pytest.mark.parametrize(
@@ -49,23 +44,8 @@ def test_training_matches_peft(tmp_path, schedule):
     assert len(opt_p.param_groups[0]["params"]) == len(opt_o.param_groups[0]["params"])
 
     total = schedule["total_step"]
-    mask_steps = 0
-    for step, x in enumerate(batches(total + 2)):
-        loss_p = pm(input_ids=x, labels=x).loss
-        loss_o = ours(input_ids=x, labels=x).loss
-        torch.testing.assert_close(loss_o, loss_p, rtol=1e-5, atol=0, msg=f"loss differs at step {step}")
-        loss_p.backward()
-        loss_o.backward()
-        opt_p.step()
-        opt_o.step()
-        pm.base_model.update_and_allocate(step)
-        ours.update_and_allocate(step)
-        expected = _peft_pattern(pm)
-        if expected is not None:
-            mask_steps += 1
-            assert ours.rank_pattern == expected, f"rank pattern differs at step {step}"
-        opt_p.zero_grad()
-        opt_o.zero_grad()
+    data = batches(total + 2)
+    mask_steps = train_side_by_side(pm, ours, opt_p, opt_o, data, range(len(data)))
     assert mask_steps > 0
     kept = sum(sum(p) for p in ours.rank_pattern.values())
     assert kept == schedule["target_r"] * len(ours.adapted_names)

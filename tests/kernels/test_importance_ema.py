@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import kernel_devices
+
+from tests.helpers import kernel_devices
 
 mod = pytest.importorskip("adalora_fast.kernels.importance_ema")
 from adalora_fast import reference as ref  # noqa: E402

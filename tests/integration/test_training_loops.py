@@ -1,6 +1,8 @@
 """Training-loop variants give the plain loop's result: gradient checkpointing with gradient
-accumulation, torch.compile of the adapted model; bf16 autocast trains through the whole schedule.
-(fp16 with GradScaler: tests/test_nonfinite.py; DDP: tests/test_ddp.py; Trainer: tests/test_trainer.py.)"""
+accumulation, torch.compile of the adapted model; bf16 autocast trains through the whole schedule; a
+step that torch.amp.GradScaler skips leaves training as if it never happened. (Non-finite gradients in
+the scorers: tests/allocator/test_scorers.py; DDP: tests/integration/test_ddp.py; Trainer:
+tests/integration/test_trainer.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +11,16 @@ import warnings
 
 import pytest
 import torch
-from conftest import LLAMA_PROJ, batches, tiny_llama
 
 import adalora_fast as af
+from tests.helpers import (
+    LLAMA_PROJ,
+    NONFINITE_SCHEDULE,
+    allocator_state,
+    assert_same_state,
+    batches,
+    tiny_llama,
+)
 
 CONFIG = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, target_modules=LLAMA_PROJ)
 
@@ -102,3 +111,49 @@ def test_torch_export_of_the_adapted_model_matches_eager():
         expected = model(input_ids=x, use_cache=False).logits
         got = exported.module()(input_ids=x, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_skipped_step_leaves_training_as_if_skipped():
+    """A real loop with torch.amp.GradScaler: one step's gradients overflow, GradScaler skips
+    optimizer.step(), update_and_allocate skips the scores; the run then equals (bit for bit) a run
+    that never had that step."""
+    data = batches(16)
+    base = tiny_llama(2, seed=0)
+    cfg = af.AdaLoraConfig(
+        target_modules=LLAMA_PROJ, backend="torch", **{**NONFINITE_SCHEDULE, "total_step": 16}
+    )
+    runs = {}
+    for skip_bad in (False, True):
+        torch.manual_seed(3)
+        model = af.get_adalora_model(copy.deepcopy(base), copy.deepcopy(cfg))
+        with torch.no_grad():
+            for _, layer in model.adapted_layers:
+                layer.lora_E.normal_(std=0.1)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu")
+        losses = {}
+        for step in range(16):
+            if step == 7 and skip_bad:
+                continue  # the twin that never had the bad step
+            x = data[step]
+            hook = None
+            if step == 7:  # overflow in one parameter's gradient
+                layer = model.adapted_layers[5][1]
+                hook = layer.lora_B.register_hook(lambda g: g * float("inf"))
+            loss = model(input_ids=x, labels=x).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if hook is not None:
+                hook.remove()
+                assert not torch.isfinite(layer.lora_B.grad).all()
+            model.update_and_allocate(step)
+            opt.zero_grad()
+            losses[step] = loss.detach()
+        runs[skip_bad] = (model, losses)
+    (bad_model, bad_losses), (twin, twin_losses) = runs[False], runs[True]
+    assert bad_model.nonfinite_score_steps() == 1 and twin.nonfinite_score_steps() == 0
+    for step, loss in twin_losses.items():
+        assert torch.equal(bad_losses[step], loss), step
+    assert_same_state(allocator_state(bad_model), allocator_state(twin))
+    assert bad_model.rank_pattern == twin.rank_pattern
