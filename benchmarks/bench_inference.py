@@ -1,21 +1,17 @@
 """Benchmark of inference after AdaLoRA: merged weights vs the plain base model vs the unmerged adapter.
 
-A Llama-style model built from a config (random weights, no downloads), every one of the 7
-projections adapted at init_r 12 with non-zero λ (as after training), forward only under
-``torch.no_grad()``. Providers, all on the same weights and the same input ids:
-
-* ``base``: the plain base model (the floor);
-* ``merged``: ``model.merge()`` — the adapted layers stay ``SVDLinear`` wrappers whose forward is
-  the base layer alone (``unmerge()`` remains possible);
-* ``merge_and_unload``: ``model.merge_and_unload()`` — the original module types, merged weights;
-* ``unmerged``: the adapter path (``SVDLinear`` forward: base GEMM plus the low-rank term; on CUDA
-  the fused Triton inference kernel, on the CPU the PyTorch path).
-
-Goal: ``merged`` within 1% of ``base`` (ratio of medians <= 1.01). Outputs of merged and unmerged are
-checked against each other first (max |diff| / max |ref| <= 1e-4 in fp32). On the CPU the providers
-are timed round-robin (``harness.time_cpu_interleaved``); on CUDA with ``do_bench`` medians (bf16
-model). Rows go to ``<out>/cpu_inference.csv`` or ``gpu_inference.csv`` (op ``inference``, mode
-``forward``, tokens = batch x sequence, r = init_r, d_in / d_out = hidden / MLP width).
+A Llama-style model built from a config (random weights, no downloads; CPU: 4 layers, hidden 512, MLP
+1376, batch 4 x 128, fp32; CUDA: 8 layers, hidden 2048, MLP 5504, batch 8 x 1024, bf16), every one of
+the 7 projections adapted at init_r 12 with non-zero λ (as after training), forward only under
+``torch.no_grad()``. Providers, all on the same weights and input ids: ``base`` (the plain base
+model, the floor), ``merged`` (``model.merge()``: the ``SVDLinear`` wrappers stay, their forward is the
+base layer alone), ``merge_and_unload`` (the original module types, merged weights) and ``unmerged``
+(the adapter path: on CUDA the fused Triton inference kernel, on the CPU the PyTorch path). Goal:
+``merged`` within 1% of ``base`` (ratio of medians <= 1.01). The check, before timing: every merged
+weight of ``merged`` and ``merge_and_unload`` is exactly ``cast(W + dW)`` summed in fp32 (the logits'
+difference to the unmerged path is printed, not judged: in bf16 it is rounding). Rows: op
+``inference``, mode ``forward``, d_in / d_out = hidden / MLP width, tokens = batch x sequence, r =
+init_r, in ``<out>/cpu_inference.csv`` or ``gpu_inference.csv``.
 
     python benchmarks/bench_inference.py [--out DIR] [--quick] [--no-csv]
 """
@@ -24,25 +20,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
 
+import harness
 import torch
-from harness import (
-    LLAMA_PROJ,
-    add_common_args,
-    append_rows,
-    describe_environment,
-    force_compiled_triton,
-    gpu_median_ms,
-    max_rel_err,
-    script_end,
-    script_start,
-    time_cpu_interleaved,
-    tiny_llama,
-)
+from harness import LLAMA_PROJ, Case
+
+from adalora_fast.testing import max_rel_err
 
 OP, MODE = "inference", "forward"
 PROVIDERS = ("base", "merged", "merge_and_unload", "unmerged")
@@ -50,14 +36,13 @@ CPU_MODEL = {"layers": 4, "hidden": 512, "intermediate": 1376, "vocab": 1000, "b
 GPU_MODEL = {"layers": 8, "hidden": 2048, "intermediate": 5504, "vocab": 32000, "batch": 8, "seq": 1024}
 INIT_R = 12
 GOAL = 1.01
-TOL = 1e-4
 
 
 def build(m: dict[str, int], device: str, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     """The four providers' models (``base`` and three adapted copies with the same adapter values)."""
     import adalora_fast as af
 
-    base = tiny_llama(m["layers"], m["hidden"], m["intermediate"], m["vocab"], seed=0, device=device)
+    base = harness.tiny_llama(m["layers"], m["hidden"], m["intermediate"], m["vocab"], seed=0, device=device)
     base = base.to(dtype).eval()
     cfg = af.AdaLoraConfig(init_r=INIT_R, target_r=8, total_step=100, target_modules=LLAMA_PROJ)
     adapted = af.get_adalora_model(copy.deepcopy(base), cfg)
@@ -80,90 +65,72 @@ def forward_fn(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Any]:
     return run
 
 
-def check_merge(models: dict[str, torch.nn.Module], fns: dict[str, Callable[[], Any]], ids: torch.Tensor,
-                dtype: torch.dtype) -> list[str]:  # fmt: skip
-    """The merge's invariant, exactly: every merged weight is ``cast(W + dW)`` summed in fp32 (fp64 for
-    fp64 weights). Then the logits: in fp32 merged and unmerged must agree to ``TOL``; in bf16 a merged
-    weight is rounded once more (to bf16) than the unmerged path's, so the two differ by bf16
-    rounding: printed with both paths' error against the model in float64, not judged."""
-    failures = []
-    plain = models["base"]
-    merged = dict(models["merged"].adapted_layers)
-    worst = 0
-    for name, layer in models["unmerged"].adapted_layers:
-        w = plain.get_submodule(name).weight
-        acc = torch.promote_types(torch.float32, w.dtype)
-        expected = (w.to(acc) + layer.get_delta_weight().to(acc)).to(w.dtype)
-        got = merged[name].base_layer.weight
-        worst = max(worst, int((got != expected).sum()))
-    status = "OK" if worst == 0 else "FAILED"
-    print(f"check merged weights == cast(W + dW) in fp32, every layer: {worst} elements differ: {status}")
-    if worst:
-        failures.append(f"merged weights are not cast(W + dW): {worst} elements differ in a layer")
-    reference = fns["unmerged"]().float()
-    errs = {p: max_rel_err(fns[p]().float(), reference) for p in ("merged", "merge_and_unload")}
-    if dtype == torch.float32:
-        for p, err in errs.items():
-            status = "OK" if err <= TOL else "FAILED"
-            print(f"check {p} vs unmerged: max rel err {err:.1e} (tol {TOL:g}): {status}")
-            if err > TOL:
-                failures.append(f"{p} differs from the unmerged adapter path: {err:.1e}")
-        return failures
-    ref_model = copy.deepcopy(models["unmerged"]).double()
-    with torch.no_grad():
-        ref64 = ref_model(input_ids=ids).logits
-    del ref_model
-    vs64 = {p: max_rel_err(fns[p]().double(), ref64) for p in ("unmerged", "merged")}
-    print(f"{str(dtype)[6:]} logits, max rel err: merged vs unmerged {errs['merged']:.1e}, "
-          f"merge_and_unload vs unmerged {errs['merge_and_unload']:.1e}; against the model in float64: "
-          f"unmerged {vs64['unmerged']:.1e}, merged {vs64['merged']:.1e} (reported: rounding)")  # fmt: skip
-    return failures
+def setup(m: dict[str, int], device: str, dtype: torch.dtype) -> Case:
+    models = build(m, device, dtype)
+    ids = torch.randint(0, m["vocab"], (m["batch"], m["seq"]), generator=torch.Generator().manual_seed(2))
+    fns = {p: forward_fn(models[p], ids.to(device)) for p in PROVIDERS}
+
+    def check(name: str) -> tuple[bool, str]:
+        """Every merged weight == cast(W + dW) summed in fp32 (fp64 for fp64 weights), exactly."""
+        differ, wrappers = 0, dict(getattr(models[name], "adapted_layers", ()))
+        for layer_name, layer in models["unmerged"].adapted_layers:
+            w = models["base"].get_submodule(layer_name).weight
+            acc = torch.promote_types(torch.float32, w.dtype)
+            expected = (w.to(acc) + layer.get_delta_weight().to(acc)).to(w.dtype)
+            got = wrappers[layer_name].base_layer if wrappers else models[name].get_submodule(layer_name)
+            differ += int((got.weight != expected).sum())
+        err = max_rel_err(fns[name]().float(), fns["unmerged"]().float())
+        return differ == 0, (
+            f"merged weights == cast(W + dW) in fp32, every layer: {differ} elements differ; "
+            f"logits vs unmerged max rel err {err:.1e} (reported)"
+        )
+
+    row = {
+        "op": OP,
+        "mode": MODE,
+        "d_in": m["hidden"],
+        "d_out": m["intermediate"],
+        "tokens": m["batch"] * m["seq"],
+        "r": INIT_R,
+        "dtype": dtype,
+    }
+    return Case(
+        fns,
+        row,
+        baseline="base",
+        check=check,
+        checked=("merged", "merge_and_unload"),
+        reference="unmerged",
+        title=f"{OP} {MODE}: model {m}, all 7 projections adapted, init_r {INIT_R}, {str(dtype)[6:]}",
+    )
+
+
+def goal_line(res: harness.Results, device: str) -> str:
+    merged, base = res.get(op=OP, provider="merged"), res.get(op=OP, provider="base")
+    if merged is None or base is None:
+        return f"GOAL merged vs base forward on {device} (goal <= {GOAL}): NOT MEASURED (see failures)"
+    ratio = merged / base
+    return (
+        f"GOAL merged vs base forward on {device}: {merged:.3f} / {base:.3f} ms = {ratio:.3f} "
+        f"(goal <= {GOAL}): {'MET' if ratio <= GOAL else 'NOT MET'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    parser.add_argument("--quick", action="store_true", help="fewer timed rounds")
-    parser.add_argument("--iters", type=int, help="CPU round-robin rounds (default 30; 5 with --quick)")
-    args = parser.parse_args(argv)
-    if torch.cuda.is_available():
-        force_compiled_triton()
-    csvs = ("gpu_inference.csv", "cpu_inference.csv")
-    cuda, csv_path = script_start(args.out, args.no_csv, args.threads, *csvs)
+    harness.add_common_args(parser, PROVIDERS, iters=(30, 5), cpu_warmup=(2, 2))
+    args = harness.parse_args(parser, argv)
+    cuda = torch.cuda.is_available()
     device, dtype, m = ("cuda", torch.bfloat16, GPU_MODEL) if cuda else ("cpu", torch.float32, CPU_MODEL)
-    print(f"# {OP} benchmark ({MODE})\n\n{describe_environment()}\n")
-    print(f"model {m}, all 7 projections adapted, init_r {INIT_R}, {str(dtype)[6:]}, {device}\n", flush=True)
-    failures: list[str] = []
-    models = build(m, device, dtype)
-    ids = torch.randint(0, m["vocab"], (m["batch"], m["seq"]), generator=torch.Generator().manual_seed(2))
-    ids = ids.to(device)
-    fns = {p: forward_fn(models[p], ids) for p in PROVIDERS}
-    failures += check_merge(models, fns, ids, dtype)
-    if cuda:
-        ms = {p: gpu_median_ms(fn, warmup=args.warmup, rep=args.rep) for p, fn in fns.items()}
-    else:
-        iters = args.iters or (5 if args.quick else 30)
-        times = time_cpu_interleaved(fns, warmup=2, iters=iters)
-        ms = {p: statistics.median(ts) for p, ts in times.items()}
-        ratios = [a / b for a, b in zip(times["merged"], times["base"], strict=True)]
-        print(f"\n{iters} round-robin rounds; merged/base per round: median {statistics.median(ratios):.3f}")
-    print("\n| provider | forward ms | vs base |\n|---|---:|---:|")
-    for p in PROVIDERS:
-        print(f"| {p} | {ms[p]:.3f} | {ms[p] / ms['base']:.3f} |")
-    ratio = ms["merged"] / ms["base"]
-    print(
-        f"GOAL merged vs base forward on {device}: {ms['merged']:.3f} / {ms['base']:.3f} ms = {ratio:.3f} "
-        f"(goal <= {GOAL}): {'MET' if ratio <= GOAL else 'NOT MET'}"
+    return harness.run(
+        args,
+        [m],
+        lambda m: setup(m, device, dtype),
+        title=f"{OP} benchmark ({MODE})",
+        device=device,
+        csv_names=("gpu_inference.csv", "cpu_inference.csv"),
+        goals=lambda res: [goal_line(res, device)],
     )
-    if csv_path is not None:
-        tokens = m["batch"] * m["seq"]
-        rows = [
-            {"op": OP, "mode": MODE, "provider": p, "d_in": m["hidden"], "d_out": m["intermediate"],
-             "tokens": tokens, "r": INIT_R, "dtype": str(dtype)[6:], "median_ms": ms[p]}
-            for p in PROVIDERS
-        ]  # fmt: skip
-        append_rows(csv_path, rows)
-    return script_end(failures, csv_path)
 
 
 if __name__ == "__main__":
