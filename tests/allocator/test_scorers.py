@@ -26,10 +26,14 @@ from tests.helpers import (
 )
 
 
-def _copy_grads(src, dst):
-    for (_, a), (_, b) in zip(src.adapted_layers, dst.adapted_layers, strict=True):
-        for k in ("lora_A", "lora_E", "lora_B"):
+def _score_both(m1, m2, flat, ref, gen):
+    """One step of the same random gradients scored by both scorers (m2 gets copies of m1's)."""
+    random_grads(m1, gen)
+    for (_, a), (_, b) in zip(m1.adapted_layers, m2.adapted_layers, strict=True):
+        for k in KINDS:
             getattr(b, k).grad = getattr(a, k).grad.clone()
+    flat.update_scores()
+    ref.update_scores()
 
 
 def _twin_scorers():
@@ -46,10 +50,7 @@ def test_flat_scorer_matches_reference_exactly():
     m1, m2, flat, ref = _twin_scorers()
     gen = torch.Generator().manual_seed(7)
     for step in range(4):
-        random_grads(m1, gen)
-        _copy_grads(m1, m2)
-        flat.update_scores()
-        ref.update_scores()
+        _score_both(m1, m2, flat, ref, gen)
         s_flat, s_ref = flat.layer_state(), ref.layer_state()
         assert s_flat.keys() == s_ref.keys()
         for key in s_ref:  # element-wise EMAs: same formulas, same order -> bit-identical
@@ -106,10 +107,7 @@ def test_non_finite_scores_mask_like_peft(bad):
     m1, m2, flat, ref = _twin_scorers()
     gen = torch.Generator().manual_seed(11)
     for step in range(2):
-        random_grads(m1, gen)
-        _copy_grads(m1, m2)
-        flat.update_scores()
-        ref.update_scores()
+        _score_both(m1, m2, flat, ref, gen)
         if step == 1:
             for scorer in (flat, ref):  # layer_state() gives views of the EMAs: poison them in place
                 state = scorer.layer_state()
