@@ -9,7 +9,7 @@ from .config import AdaLoraConfig
 from .functional import orth_regularization
 from .integrations import from_peft, unwrap_model, update_and_allocate
 from .layer import SVDLinear
-from .model import AdaLoraModel, get_adalora_model
+from .model import AdaLoraModel, get_adalora_model, get_peft_model
 
 __all__ = [
     "AdaLoraCallback",
@@ -19,6 +19,7 @@ __all__ = [
     "SVDLinear",
     "from_peft",
     "get_adalora_model",
+    "get_peft_model",
     "orth_regularization",
     "unwrap_model",
     "update_and_allocate",

@@ -31,6 +31,7 @@ class SVDLinear(nn.Module):
         init_r: int | None = None,
         backend: str = "auto",
         adapter_dtype: torch.dtype | None = None,
+        init_lora_weights: bool = True,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fan_in_fan_out = base_features(base_layer)
@@ -44,15 +45,17 @@ class SVDLinear(nn.Module):
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         weight = base_layer.weight
         # Created on the CPU in PEFT's order (A, E, B, ranknum, then re-init), so that one seed gives
-        # PEFT's initial values; then moved to the base device.
+        # PEFT's initial values; then moved to the base device. init_lora_weights=False keeps PEFT's raw
+        # N(0, 1) draws (E non-zero: the adapter changes the outputs from the start).
         A = torch.randn(r, self.in_features)
         E = torch.randn(r, 1)
         B = torch.randn(self.out_features, r)
         torch.randn(1)  # PEFT draws ranknum's placeholder from the same stream
-        with torch.no_grad():
-            nn.init.zeros_(E)
-            nn.init.normal_(A, mean=0.0, std=0.02)
-            nn.init.normal_(B, mean=0.0, std=0.02)
+        if init_lora_weights:
+            with torch.no_grad():
+                nn.init.zeros_(E)
+                nn.init.normal_(A, mean=0.0, std=0.02)
+                nn.init.normal_(B, mean=0.0, std=0.02)
         # fp32 adapters by default (also on half-precision bases); a float64 base gets float64 (as PEFT).
         default_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         dtype = adapter_dtype if adapter_dtype is not None else default_dtype
@@ -71,6 +74,8 @@ class SVDLinear(nn.Module):
         # Which init_r positions the factors hold (None: all; see adalora_fast.factors).
         self.held_pattern: list[bool] | None = None
         self.merged = False
+        # PEFT's layer flag (set through AdaLoraModel.disable_adapter*): run the base layer alone.
+        self.disable_adapters = False
 
     @property
     def weight(self) -> torch.Tensor:  # transformers code sometimes reads `.weight` of linears
@@ -176,7 +181,9 @@ class SVDLinear(nn.Module):
         return (weight.to(acc) + sign * delta.to(device=weight.device, dtype=acc)).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.disable_adapters and self.merged:
+            self.unmerge()  # as PEFT's layers: a disabled layer gives the base layer's output
+        if self.merged or self.disable_adapters:
             return self.base_layer(x)
         base, drop = self.base_layer, self.lora_dropout
         return functional.svd_linear(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .allocator import RankAllocator, check_state, reject_sharded_adapters
 from .checkpoint import lora_export, peft_format, training_state
@@ -23,8 +24,17 @@ from .config import AdaLoraConfig
 from .factors import FACTORS, check_factor_shapes, expand_pattern
 from .functional import orth_regularization
 from .layer import SVDLinear
+from .peft_api import UNSUPPORTED, PeftModelApi, unsupported_error
 from .reference import adapter_scale
-from .targets import base_features, find_target_modules, replace_module
+from .saved_modules import (
+    check_saved_tensors,
+    find_modules_to_save,
+    load_saved_tensors,
+    modules_to_save_for,
+    saved_tensors,
+    wrap_modules_to_save,
+)
+from .targets import base_features, config_targets, replace_module, resolved_target_modules
 
 
 def _forward_with_signature(model: AdaLoraModel) -> types.MethodType | None:
@@ -47,27 +57,57 @@ def _forward_with_signature(model: AdaLoraModel) -> types.MethodType | None:
     return types.MethodType(fn, model)
 
 
-class AdaLoraModel(nn.Module):
+class AdaLoraModel(PeftModelApi, nn.Module):
     """A transformers (or any torch) model with AdaLoRA adapters on its target linears.
 
     ``forward`` calls the wrapped model and, when it returns a loss, adds
-    ``orth_reg_weight * orth_regularization()`` to it (whatever the task).
+    ``orth_reg_weight * orth_regularization()`` to it (whatever the task). It plays both PEFT roles,
+    ``peft.PeftModel`` and its tuner (``base_model`` is the model itself): see :mod:`adalora_fast.peft_api`.
     """
 
-    def __init__(self, model: nn.Module, config: AdaLoraConfig, is_trainable: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdaLoraConfig | Any,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        *,
+        is_trainable: bool | None = None,
+    ) -> None:
+        """PEFT's tuner signature. ``config``: ours, a ``peft.AdaLoraConfig``, a dict of PEFT's fields, or
+        the tuner's ``{adapter_name: config}``. ``is_trainable=None`` means ``not config.inference_mode``.
+        ``low_cpu_mem_usage`` (PEFT: adapters on the meta device, for loading) makes no difference here:
+        the adapters are created as usual (they are small)."""
         super().__init__()
+        if isinstance(config, dict) and set(config) == {adapter_name}:
+            config = config[adapter_name]
+        config = AdaLoraConfig.coerce(config)
+        if is_trainable is None:
+            is_trainable = not config.inference_mode
+        self.adapter_name = adapter_name
         self.model = model
         self.adalora_config = config
         self.backend = config.resolved_backend
-        self.adapted_names = find_target_modules(model, config.target_modules, config.exclude_modules)
+        # As PEFT's task models: the task head is trained and saved (SEQ_CLS: classifier / score).
+        config.modules_to_save = modules_to_save_for(config.task_type, config.modules_to_save)
+        self.adapted_names = config_targets(model, config)
+        # As PEFT, the config records what was applied (its default list, the names of a shorthand).
+        config.target_modules = resolved_target_modules(model, config.target_modules, self.adapted_names)
         for p in model.parameters():
             p.requires_grad_(False)
+        _warn_fan_in_fan_out(model, config, self.adapted_names)
         for name in self.adapted_names:
             base = model.get_submodule(name)
             layer = SVDLinear(
-                base, config.init_r, config.lora_alpha, config.lora_dropout, backend=self.backend
+                base,
+                config.init_r,
+                config.lora_alpha,
+                config.lora_dropout,
+                backend=self.backend,
+                init_lora_weights=bool(config.init_lora_weights),  # PEFT: any truthy value is AdaLoRA's init
             )
             replace_module(model, name, layer)
+        self.saved_module_names = wrap_modules_to_save(model, config.modules_to_save or [], adapter_name)
         bound = _forward_with_signature(self)
         if bound is not None:
             self.forward = bound
@@ -77,6 +117,10 @@ class AdaLoraModel(nn.Module):
             self.build_allocator()
         else:
             self.requires_grad_(False)
+        # As PeftModel.__init__ (is_gradient_checkpointing's new name, which does not warn, first).
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if getattr(model, "is_gradient_checkpointing", True) if checkpointing is None else checkpointing:
+            self.prepare_model_for_gradient_checkpointing(model)
 
     # ---- access -------------------------------------------------------------------------------
     @property
@@ -92,6 +136,8 @@ class AdaLoraModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+            if name in UNSUPPORTED:  # else transformers' own adapter methods answer, misleadingly
+                raise unsupported_error(name) from None
             return getattr(self.model, name)
 
     def build_allocator(self) -> None:
@@ -236,6 +282,13 @@ class AdaLoraModel(nn.Module):
             out[name] = expand_pattern(layer.held_pattern, local, layer.init_r)
         return out
 
+    def _sync_rank_pattern(self) -> None:
+        """Write the current pattern into the config as PEFT keeps it during training (``rank_pattern``,
+        ``{module}.lora_E`` keys), when the config is read (one host sync) rather than on every mask step."""
+        pattern = self._saved_rank_pattern()
+        if pattern is not None:
+            self.adalora_config.rank_pattern = {f"{n}.lora_E": p for n, p in pattern.items()}
+
     def kept_ranks(self) -> dict[str, int]:
         return {n: sum(p) for n, p in self.rank_pattern.items()}
 
@@ -246,15 +299,17 @@ class AdaLoraModel(nn.Module):
         return self.rank_allocator.total_kept_rank()
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def kept_factors(self) -> dict[str, dict[str, torch.Tensor]]:
+    def kept_factors(
+        self, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """``{module: {"lora_A": (k, d_in), "lora_E": (k, 1), "lora_B": (d_out, k)}}``: CPU copies of the
         kept ranks of every adapted layer (what a PEFT checkpoint holds; k may be 0): the allocator's
-        keep masks once it has masked, else every rank the layer holds."""
+        keep masks once it has masked, else every rank the layer holds. ``state_dict`` (this model's,
+        e.g. gathered by a distributed engine) supplies the full factors instead of the layers."""
         alloc = self.rank_allocator
         keep = alloc.keep_mask() if alloc is not None and alloc.masked else {}
         out = {}
-        for name, layer in self.adapted_layers:
-            tensors = {k: to_cpu(getattr(layer, k)) for k in FACTORS}
+        for name, tensors in self._full_factors(state_dict).items():
             if name in keep:
                 idx = keep[name].to("cpu", torch.bool)
                 tensors = {"lora_A": tensors["lora_A"][idx], "lora_E": tensors["lora_E"][idx],
@@ -262,15 +317,81 @@ class AdaLoraModel(nn.Module):
             out[name] = {k: t.contiguous() for k, t in tensors.items()}
         return out
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the adapter in PEFT's AdaLoRA format (``adapter_config.json``,
-        ``adapter_model.safetensors``: kept ranks only) and, for a trainable model, our training state
-        (``adalora_training_state.safetensors``: full factors, scores, masks, allocator state), so that
-        ``from_pretrained(..., is_trainable=True)`` resumes exactly. Each file is written atomically."""
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
+    def _full_factors(
+        self, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """CPU copies of every layer's A, E, B, from the layers or from this model's ``state_dict``."""
+        if state_dict is None:
+            return {
+                name: {k: to_cpu(getattr(layer, k)) for k in FACTORS} for name, layer in self.adapted_layers
+            }
+        out = {}
+        for name, layer in self.adapted_layers:
+            tensors = {}
+            for k in FACTORS:
+                key = next((c for c in (f"model.{name}.{k}", f"{name}.{k}") if c in state_dict), None)
+                if key is None:
+                    raise ValueError(f"save_pretrained: state_dict has no 'model.{name}.{k}'")
+                tensors[k] = to_cpu(state_dict[key])
+            check_factor_shapes(
+                tensors, layer.in_features, layer.out_features, f"state_dict: module {name!r}"
+            )
+            out[name] = tensors
+        return out
+
+    def _saved_rank_pattern(self) -> dict[str, list[bool]] | None:
+        """The rank pattern a checkpoint records: None while every layer holds and keeps all init_r."""
         alloc = self.rank_allocator
         pruned = any(layer.r != layer.init_r for _, layer in self.adapted_layers)
+        return self.rank_pattern if (alloc is not None and alloc.masked) or pruned else None
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the adapter in PEFT's AdaLoRA format (``adapter_config.json``,
+        ``adapter_model.safetensors`` or, with ``safe_serialization=False``, ``adapter_model.bin``: kept
+        ranks only; a ``README.md`` model card when the folder has none) and, for a trainable model, our
+        training state (``adalora_training_state.safetensors``: full factors, scores, masks, allocator
+        state), so that ``from_pretrained(..., is_trainable=True)`` resumes exactly. Each file is
+        written atomically. PEFT's arguments: ``is_main_process=False`` writes nothing (other ranks);
+        ``selected_adapters`` may name this model's one adapter; ``state_dict=`` (a keyword) supplies
+        this model's full state dict (e.g. gathered by a distributed engine)."""
+        state_dict = kwargs.pop("state_dict", None)
+        name = getattr(self, "adapter_name", "default")
+        if selected_adapters is not None and list(selected_adapters) != [name]:
+            raise ValueError(
+                f"save_pretrained: selected_adapters={selected_adapters!r}; this model has {name!r} only"
+            )
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError(
+                "save_pretrained: path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters, "
+                "which AdaLoRA does not have"
+            )
+        if save_embedding_layers is True:
+            warnings.warn(
+                "save_pretrained: save_embedding_layers=True: AdaLoRA adapts no embeddings", stacklevel=2
+            )
+        if kwargs:
+            raise TypeError(f"save_pretrained: unexpected keyword arguments {sorted(kwargs)}")
+        if not self.adapted_names:
+            raise RuntimeError(
+                "save_pretrained: this AdaLoraModel has no adapters any more (merge_and_unload() or unload() "
+                "removed them); save the returned base model with its own save_pretrained"
+            )
+        if not is_main_process:
+            return
+        out = Path(save_directory)
+        if out.is_file():
+            raise ValueError(f"save_pretrained: {out} is a file, not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        alloc = self.rank_allocator
         config = self.adalora_config
         if config.total_step is None:
             warnings.warn(
@@ -278,15 +399,21 @@ class AdaLoraModel(nn.Module):
                 "(model.set_total_step(n)) if PEFT must read it",
                 stacklevel=2,
             )
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _name_or_path(self.model)
+        pattern = self._saved_rank_pattern()
+        config.rank_pattern = None if pattern is None else {f"{n}.lora_E": p for n, p in pattern.items()}
         cfg = peft_format.config_dict(
             config,
-            self.rank_pattern if (alloc is not None and alloc.masked) or pruned else None,
+            pattern,
             # None: record what the defaults picked, so that PEFT finds the same modules
             config.target_modules if config.target_modules is not None else sorted(self.adapted_names),
             any(layer.fan_in_fan_out for _, layer in self.adapted_layers),
         )
-        full = {name: {k: to_cpu(getattr(layer, k)) for k in FACTORS} for name, layer in self.adapted_layers}
-        peft_format.write_adapter(out, cfg, self.kept_factors())
+        full = self._full_factors(state_dict)
+        weights = {**self.kept_factors(state_dict), **saved_tensors(self.model, self.saved_module_names)}
+        peft_format.write_adapter(out, cfg, weights, safe_serialization)
+        peft_format.write_model_card(out, config.base_model_name_or_path, config.task_type)
         if alloc is None:  # an inference model has no training state; never leave an older one behind
             training_state.remove_training_state(out)
             return
@@ -295,20 +422,56 @@ class AdaLoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False, backend: str | None = None
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: AdaLoraConfig | Any | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        backend: str | None = None,
+        **kwargs: Any,
     ) -> AdaLoraModel:
-        """Load a checkpoint written by adalora_fast or by PEFT's AdaLoRA onto ``model``.
+        """Load a checkpoint written by adalora_fast or by PEFT's AdaLoRA (a local folder) onto ``model``,
+        with PEFT's ``PeftModel.from_pretrained`` arguments.
 
         ``is_trainable=True`` resumes from our training state when the folder has one (it must belong
-        to the folder's weights), else from the PEFT weights. Everything is checked against the model
-        before the model is touched: nothing is half-loaded."""
+        to the folder's weights), else from the PEFT weights. ``config`` replaces the folder's config
+        (ours or PEFT's). ``subfolder=`` names a folder inside ``model_id``. Adapters are fp32 whatever
+        the base dtype (PEFT's ``autocast_adapter_dtype=True``); ``torch_device``, ``low_cpu_mem_usage``
+        and ``revision`` change nothing here (the factors go to each base layer's device).
+        Everything is checked against the model before the model is touched: nothing is half-loaded."""
+        subfolder = kwargs.pop("subfolder", None)
+        kwargs.pop("torch_device", None)
+        kwargs.pop("revision", None)
+        if kwargs:
+            raise TypeError(f"from_pretrained: unexpected keyword arguments {sorted(kwargs)}")
+        if key_mapping:
+            raise ValueError(
+                "from_pretrained: key_mapping is not supported (adalora_fast reads PEFT's own keys)"
+            )
+        if not autocast_adapter_dtype:
+            warnings.warn("from_pretrained: autocast_adapter_dtype=False: adapters stay fp32", stacklevel=2)
+        if ephemeral_gpu_offload:
+            warnings.warn("from_pretrained: ephemeral_gpu_offload is a DoRA option; ignored", stacklevel=2)
+        path = Path(model_id) / subfolder if subfolder else Path(model_id)
         ckpt = read_checkpoint(path, trainable=is_trainable)
-        config, state = ckpt.config, ckpt.state
+        state = ckpt.state
+        config = ckpt.config if config is None else AdaLoraConfig.coerce(config)
+        config.inference_mode = not is_trainable  # as PEFT sets it on load
         if backend is not None:
             config.backend = backend
-        targets = find_target_modules(model, config.target_modules, config.exclude_modules)
+        targets = config_targets(model, config)
         sizes = {name: _sizes(name, model.get_submodule(name), ckpt.source) for name in targets}
         factors, held = ckpt.select(sizes)
+        to_save = find_modules_to_save(
+            model, modules_to_save_for(config.task_type, config.modules_to_save) or []
+        )
+        saved = ckpt.saved_modules(to_save)
+        check_saved_tensors(model, to_save, saved, str(peft_format.weights_file(path)))
         if state is not None:
             shapes = {n: {k: tuple(t.shape) for k, t in fs.items()} for n, fs in factors.items()}
             check_state(state.allocator_state(), shapes, str(state.path))
@@ -322,6 +485,7 @@ class AdaLoraModel(nn.Module):
             with torch.no_grad():
                 for k, t in tensors.items():
                     getattr(layer, k).copy_(t)
+        load_saved_tensors(wrapped.model, saved)
         wrapped.is_trainable = is_trainable
         if not is_trainable:
             wrapped.requires_grad_(False)
@@ -330,6 +494,9 @@ class AdaLoraModel(nn.Module):
         for _, layer in wrapped.adapted_layers:
             for k in FACTORS:
                 getattr(layer, k).requires_grad_(True)
+        for name in wrapped.saved_module_names:
+            wrapper = wrapped.model.get_submodule(name)
+            wrapper.modules_to_save[wrapper.active_adapter].requires_grad_(True)
         wrapped.build_allocator()
         if state is not None:
             wrapped.rank_allocator.load_state_dict(state.allocator_state(), str(state.path))
@@ -396,8 +563,9 @@ class AdaLoraModel(nn.Module):
             for name, layer in layers.items()
         }
         fan_in_fan_out = {name: layer.fan_in_fan_out for name, layer in layers.items()}
+        saved = saved_tensors(self.model, self.saved_module_names)
         return lora_export.write_lora_adapter(
-            Path(path), self.kept_factors(), scales, fan_in_fan_out, self.adalora_config
+            Path(path), self.kept_factors(), scales, fan_in_fan_out, self.adalora_config, saved
         )
 
     # ---- merging --------------------------------------------------------------------------------
@@ -422,22 +590,128 @@ class AdaLoraModel(nn.Module):
         """Whether every adapted layer is merged (:meth:`merge`)."""
         return bool(self.adapted_names) and all(layer.merged for _, layer in self.adapted_layers)
 
-    @torch.no_grad()
-    def merge_and_unload(self) -> nn.Module:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's name for :meth:`merge` (the originals are kept: :meth:`unmerge_adapter` restores them
+        bitwise). ``safe_merge``: see :meth:`merge_and_unload`."""
+        self._check_adapter_names(adapter_names, "merge_adapter")
+        if safe_merge:
+            self._check_finite_merge()
+        self.merge()
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for :meth:`unmerge`."""
+        self.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Fold every update into its base weight (computed in fp32, cast once) and return the plain
-        base model with the original module types. Layers already merged are not merged twice."""
-        for name, layer in self.adapted_layers:
-            if not layer.merged:
+        base model with the original module types (and the trained modules to save). Layers already
+        merged are not merged twice. ``safe_merge=True`` first checks that every merged weight is
+        finite and raises ``ValueError`` before any layer changes (PEFT checks layer by layer, after
+        merging the layers before). ``progressbar``: tqdm over the layers. ``adapter_names``: None or
+        this model's one adapter."""
+        self._check_adapter_names(adapter_names, "merge_and_unload")
+        if safe_merge:
+            self._check_finite_merge()
+        return self._unload(merge=True, progressbar=progressbar)
+
+    def unload(self) -> nn.Module:
+        """The base model with its original module types and weights (merged layers are unmerged
+        first, bitwise after ``merge()``; PEFT's ``unload`` would leave them merged), the adapters
+        removed."""
+        return self._unload(merge=False, progressbar=False)
+
+    @torch.no_grad()
+    def _unload(self, merge: bool, progressbar: bool) -> nn.Module:
+        desc = "Unloading " + ("and merging " if merge else "") + "model"
+        for name, layer in tqdm(self.adapted_layers, disable=not progressbar, desc=desc):
+            if merge and not layer.merged:
                 layer.merge(exact_unmerge=False)
+            elif not merge and layer.merged:
+                layer.unmerge()
             replace_module(self.model, name, layer.base_layer)
+        self._unwrap_saved_modules()
         self.adapted_names = []
         self.rank_allocator = None
         return self.model
 
+    @torch.no_grad()
+    def _check_finite_merge(self) -> None:
+        """``ValueError`` unless every unmerged layer's merged weight (as ``merge`` computes it, cast to
+        the weight's dtype) is finite; nothing changes."""
+        for name, layer in self.adapted_layers:
+            if not layer.merged and not torch.isfinite(layer._merge_sum(layer.base_layer.weight, 1.0)).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights of {name!r}. The adapter {self.adapter_name} "
+                    "seems to be broken; nothing was merged"
+                )
 
-def get_adalora_model(model: nn.Module, config: AdaLoraConfig) -> AdaLoraModel:
+    def _unwrap_saved_modules(self) -> None:
+        """Put each module to save's trained copy where its wrapper is (PEFT's unload does the same)."""
+        for name in self.saved_module_names:
+            wrapper = self.model.get_submodule(name)
+            replace_module(self.model, name, wrapper.modules_to_save[wrapper.active_adapter])
+        self.saved_module_names = []
+
+
+def get_adalora_model(model: nn.Module, config: AdaLoraConfig | Any) -> AdaLoraModel:
     """Wrap ``model`` with AdaLoRA adapters on the modules ``config`` targets."""
     return AdaLoraModel(model, config)
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: AdaLoraConfig | Any,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> AdaLoraModel:
+    """``peft.get_peft_model`` for AdaLoRA configs (ours or PEFT's): an :class:`AdaLoraModel`, which is
+    both the ``PeftModel`` and its tuner (``model.base_model`` is the model itself). Other PEFT methods
+    and ``mixed=True`` are refused. Adapters are fp32 on any base (``autocast_adapter_dtype=False`` is
+    warned about); ``low_cpu_mem_usage`` makes no difference here."""
+    if mixed:
+        raise ValueError("get_peft_model: mixed=True (PEFT's PeftMixedModel) is not supported here")
+    peft_type = getattr(peft_config, "peft_type", None)
+    peft_type = getattr(peft_type, "value", peft_type)  # PEFT's PeftType enum
+    if not isinstance(peft_config, (AdaLoraConfig, dict)) and str(peft_type).upper() != "ADALORA":
+        raise TypeError(
+            f"get_peft_model: {type(peft_config).__name__} (peft_type {peft_type!r}) is not an AdaLoRA "
+            "config; adalora_fast runs AdaLoRA only: pass an AdaLoraConfig (adalora_fast's or peft's)"
+        )
+    config = AdaLoraConfig.coerce(peft_config)
+    if not autocast_adapter_dtype:
+        warnings.warn("get_peft_model: autocast_adapter_dtype=False: adapters stay fp32", stacklevel=2)
+    config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None  # as PEFT
+    if revision is not None:
+        config.revision = revision
+    return AdaLoraModel(model, config, adapter_name, low_cpu_mem_usage)
+
+
+def _warn_fan_in_fan_out(model: nn.Module, config: AdaLoraConfig, names: list[str]) -> None:
+    """PEFT's warning when ``fan_in_fan_out`` does not fit the target modules; the field is then set
+    to what they need (each layer reads its own layout in any case)."""
+    for name in names:
+        conv1d = base_features(model.get_submodule(name))[2]
+        if conv1d != config.fan_in_fan_out:
+            kind = "`Conv1D`" if conv1d else "`torch.nn.Linear`"
+            warnings.warn(
+                f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is {kind}. "
+                f"Setting fan_in_fan_out to {conv1d}.",
+                stacklevel=3,
+            )
+            config.fan_in_fan_out = conv1d
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    """Where the base model came from (``from_pretrained``'s path or hub id), for PEFT's
+    ``base_model_name_or_path``; None for a model built from a config."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None
 
 
 def _sizes(name: str, base: nn.Module, source: Path) -> tuple[int, int]:

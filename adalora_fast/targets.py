@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# Attention and MLP projections of common architectures, matched on the last name component.
-DEFAULT_TARGET_NAMES = frozenset(
+# PEFT 0.21's AdaLoRA defaults (``target_modules=None``), by ``model.config.model_type``.
+PEFT_DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear but the output head
+# Ours: every attention and MLP projection of common architectures (heads left out), matched on the
+# last name component.
+ALL_PROJECTIONS = "all-projections"
+PROJECTION_NAMES = frozenset(
     {
         # Llama / Mistral / Qwen / Gemma / Phi-3 style
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -18,14 +48,16 @@ DEFAULT_TARGET_NAMES = frozenset(
         "c_attn", "c_proj", "c_fc",
         # BERT / RoBERTa
         "query", "key", "value", "dense",
+        # DeBERTa-v2
+        "query_proj", "key_proj", "value_proj",
         # T5
         "q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1",
         # GPT-NeoX / Falcon / Bloom
         "query_key_value", "dense_h_to_4h", "dense_4h_to_h",
     }
 )  # fmt: skip
-# Heads are never adapted by default (PEFT leaves them alone too).
-DEFAULT_EXCLUDED_PARTS = frozenset({"lm_head", "pooler", "classifier", "score", "qa_outputs"})
+HEAD_PARTS = frozenset({"lm_head", "pooler", "classifier", "score", "qa_outputs"})
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # what PEFT's "all-linear" leaves out of SEQ_CLS models
 
 SUPPORTED = (nn.Linear, Conv1D)
 
@@ -53,31 +85,118 @@ def _matches(name: str, spec: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The layer index in a module name, as PEFT finds it: the first number after ``layers_pattern``
+    (any name component when it is empty)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return int(match["idx"]) if match else None
+
+
+def _head_names(model: nn.Module, task_type: str | None) -> set[str]:
+    """The output head PEFT's ``"all-linear"`` leaves out: the output embeddings, else for SEQ_CLS the
+    ``score`` / ``classifier`` module."""
+    heads = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        heads.append(output)
+    elif task_type == "SEQ_CLS":
+        heads += [
+            getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)
+        ][:1]
+    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+
+
+def default_target_modules(model: nn.Module) -> list[str] | str:
+    """PEFT's AdaLoRA default targets for ``model`` (by ``config.model_type``), or a clear error."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PEFT_DEFAULT_TARGETS:
+        raise ValueError(
+            f"target_modules=None: PEFT has no default target modules for model_type {model_type!r}; "
+            f"name them (target_modules=[...]), or pass {ALL_LINEAR!r} or {ALL_PROJECTIONS!r}"
+        )
+    default = PEFT_DEFAULT_TARGETS[model_type]
+    return list(default) if isinstance(default, list) else default
+
+
 def find_target_modules(
-    model: nn.Module, target_modules: list[str] | str | None, exclude_modules: list[str] | str | None
+    model: nn.Module,
+    target_modules: list[str] | str | None,
+    exclude_modules: list[str] | str | None,
+    layers_to_transform: list[int] | int | None = None,
+    layers_pattern: list[str] | str | None = None,
+    task_type: str | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> list[str]:
-    """Names of the modules to adapt, in ``named_modules`` order.
+    """Names of the modules to adapt, in ``named_modules`` order, chosen as PEFT chooses them.
 
     A list matches module-name suffixes (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``),
-    a string is a regular expression that must match the whole name. ``None`` picks the attention
-    and MLP linears of common architectures.
+    a string is a regular expression that must match the whole name; ``None`` is PEFT's default for
+    the model type (:data:`PEFT_DEFAULT_TARGETS`); ``"all-linear"`` every linear but the output head
+    (PEFT's shorthand); ``"all-projections"`` every attention and MLP projection (ours).
+    ``layers_to_transform`` keeps only modules of those layer indices (found after ``layers_pattern``),
+    for list specs, as in PEFT. Modules inside a module to save are never adapted (PEFT's rule).
     """
+    spec = default_target_modules(model) if target_modules is None else target_modules
+    shorthand = (
+        spec.lower() if isinstance(spec, str) and spec.lower() in (ALL_LINEAR, ALL_PROJECTIONS) else None
+    )
+    heads = _head_names(model, task_type) if shorthand == ALL_LINEAR else set()
+    indices = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
     names = []
     for name, module in model.named_modules():
         if not name or not isinstance(module, SUPPORTED):
             continue
-        if target_modules is None:
+        if shorthand == ALL_PROJECTIONS:
             parts = name.split(".")
-            if parts[-1] not in DEFAULT_TARGET_NAMES or DEFAULT_EXCLUDED_PARTS.intersection(parts):
+            if parts[-1] not in PROJECTION_NAMES or HEAD_PARTS.intersection(parts):
                 continue
-        elif not _matches(name, target_modules):
+        elif shorthand == ALL_LINEAR:
+            if name in heads:
+                continue
+        elif not _matches(name, spec):
+            continue
+        if indices and not isinstance(spec, str) and _layer_index(name, layers_pattern) not in indices:
             continue
         if exclude_modules is not None and _matches(name, exclude_modules):
+            continue
+        if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save):
             continue
         names.append(name)
     if not names:
         raise ValueError(
-            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no nn.Linear "
-            f"or Conv1D module of {type(model).__name__}"
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}"
+            + (f", layers_to_transform={layers_to_transform!r}" if layers_to_transform is not None else "")
+            + f") matches no nn.Linear or Conv1D module of {type(model).__name__}"
         )
     return names
+
+
+def config_targets(model: nn.Module, config: Any) -> list[str]:
+    """:func:`find_target_modules` with an :class:`~adalora_fast.AdaLoraConfig`'s fields."""
+    return find_target_modules(
+        model,
+        config.target_modules,
+        config.exclude_modules,
+        config.layers_to_transform,
+        config.layers_pattern,
+        config.task_type,
+        config.modules_to_save,
+    )
+
+
+def resolved_target_modules(model: nn.Module, target_modules: Any, adapted_names: list[str]) -> Any:
+    """What ``target_modules`` becomes once applied to ``model``, as PEFT records it in the config:
+    PEFT's default list for ``None``, the adapted names for a shorthand, else the spec itself."""
+    if target_modules is None:
+        return default_target_modules(model)
+    if isinstance(target_modules, str) and target_modules.lower() in (ALL_LINEAR, ALL_PROJECTIONS):
+        return sorted(adapted_names)
+    return target_modules

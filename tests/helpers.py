@@ -51,11 +51,34 @@ _TINY = {
             max_position_embeddings=32,
         ),
     ),
+    "bert-cls": (
+        "BertConfig",
+        "BertForSequenceClassification",
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=32,
+            num_labels=3,
+        ),
+    ),  # fmt: skip
+    "deberta-v2": (
+        "DebertaV2Config",
+        "DebertaV2ForSequenceClassification",
+        dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48),
+    ),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0),
+    ),
 }
 
 
 def tiny_model(arch: str, seed: int = 0, **config) -> nn.Module:
-    """A tiny ``arch`` ("gpt2" or "bert"; Llama: :func:`tiny_llama`) transformers model in eval mode,
+    """A tiny ``arch`` ("gpt2", "bert", "deberta-v2", "t5"; Llama: :func:`tiny_llama`) model in eval mode,
     built from its config (``config`` overrides the defaults) with random weights drawn after
     ``torch.manual_seed(seed)``."""
     import transformers
@@ -125,14 +148,22 @@ def peft_pattern(pm) -> dict[str, list[bool]] | None:
     return parse_rank_pattern(pm.peft_config["default"].rank_pattern, "default")
 
 
-def train_side_by_side(pm, ours, opt_p, opt_o, data, steps: range) -> int:
-    """PEFT's model and ours trained in lockstep on ``data[step]`` for ``steps``: equal losses at every
-    step and, from the first mask step on, equal rank patterns. Returns how many steps had a mask."""
+def train_side_by_side(pm, ours, opt_p, opt_o, data, steps: range, seed_dropout: bool = False) -> int:
+    """PEFT's model and ours trained in lockstep for ``steps``: equal losses at every step and, from the
+    first mask step on, equal rank patterns. ``data[step]`` is a token batch (its own labels) or a dict
+    of model inputs; ``seed_dropout`` seeds torch's RNG before each forward (base models with dropout).
+    Returns how many steps had a mask."""
     mask_steps = 0
     for step in steps:
-        x = data[step]
-        loss_p = pm(input_ids=x, labels=x).loss
-        loss_o = ours(input_ids=x, labels=x).loss
+        inputs = (
+            data[step] if isinstance(data[step], dict) else {"input_ids": data[step], "labels": data[step]}
+        )
+        if seed_dropout:
+            torch.manual_seed(step)
+        loss_p = pm(**inputs).loss
+        if seed_dropout:
+            torch.manual_seed(step)
+        loss_o = ours(**inputs).loss
         torch.testing.assert_close(loss_o, loss_p, rtol=1e-5, atol=0, msg=f"loss differs at step {step}")
         loss_p.backward()
         loss_o.backward()

@@ -1,14 +1,17 @@
-"""find_target_modules: default picks, list (suffix) and string (full regex) specs, exclusions."""
+"""find_target_modules: PEFT's defaults and "all-linear" (side by side with PEFT), our "all-projections",
+list (suffix) and string (full regex) specs, layers_to_transform, exclusions."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adalora_fast as af
-from adalora_fast.targets import find_target_modules
-from tests.helpers import LLAMA_PROJ, tiny_bert, tiny_gpt2, tiny_llama
+from adalora_fast.targets import ALL_PROJECTIONS, find_target_modules
+from tests.helpers import LLAMA_PROJ, tiny_bert, tiny_gpt2, tiny_llama, tiny_model
 
 
 def _llama_names(layers: int = 2, projs=LLAMA_PROJ) -> list[str]:
@@ -20,9 +23,9 @@ def _llama_names(layers: int = 2, projs=LLAMA_PROJ) -> list[str]:
     return out
 
 
-def test_default_llama_picks_all_seven_projections():
+def test_all_projections_llama_picks_all_seven():
     model = tiny_llama()
-    names = find_target_modules(model, None, None)
+    names = find_target_modules(model, ALL_PROJECTIONS, None)
     assert sorted(names) == sorted(_llama_names())
     assert "lm_head" not in names
     assert all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
@@ -31,16 +34,16 @@ def test_default_llama_picks_all_seven_projections():
     assert names == sorted(names, key=order.index)
 
 
-def test_default_llama_model_adapts_them():
-    model = af.get_adalora_model(tiny_llama(), af.AdaLoraConfig())
+def test_all_projections_llama_model_adapts_them():
+    model = af.get_adalora_model(tiny_llama(), af.AdaLoraConfig(target_modules=ALL_PROJECTIONS))
     assert sorted(model.adapted_names) == sorted(_llama_names())
     assert isinstance(model.model.lm_head, nn.Linear)
     assert all(isinstance(m, af.SVDLinear) for _, m in model.adapted_layers)
 
 
-def test_default_gpt2_picks_conv1d():
+def test_all_projections_gpt2_picks_conv1d():
     model = tiny_gpt2()
-    names = find_target_modules(model, None, None)
+    names = find_target_modules(model, ALL_PROJECTIONS, None)
     expected = [
         f"transformer.h.{i}.{n}"
         for i in range(2)
@@ -52,7 +55,7 @@ def test_default_gpt2_picks_conv1d():
 
 
 def test_gpt2_model_marks_fan_in_fan_out():
-    model = af.get_adalora_model(tiny_gpt2(), af.AdaLoraConfig())
+    model = af.get_adalora_model(tiny_gpt2(), af.AdaLoraConfig(target_modules=ALL_PROJECTIONS))
     for name, layer in model.adapted_layers:
         assert layer.fan_in_fan_out, name
         d_in, d_out = layer.base_layer.weight.shape
@@ -60,9 +63,9 @@ def test_gpt2_model_marks_fan_in_fan_out():
         assert layer.lora_B.shape == (d_out, 12)
 
 
-def test_default_bert_excludes_pooler():
+def test_all_projections_bert_excludes_pooler():
     model = tiny_bert()
-    names = find_target_modules(model, None, None)
+    names = find_target_modules(model, ALL_PROJECTIONS, None)
     assert "pooler.dense" not in names
     expected = [
         f"encoder.layer.{i}.{n}"
@@ -113,7 +116,7 @@ def test_string_is_full_regex():
 
 def test_exclude_modules_list_and_regex():
     model = tiny_llama()
-    names = find_target_modules(model, None, ["k_proj", "down_proj"])
+    names = find_target_modules(model, ALL_PROJECTIONS, ["k_proj", "down_proj"])
     assert sorted(names) == sorted(_llama_names(projs=["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]))
     names = find_target_modules(model, ["q_proj", "v_proj"], r"model\.layers\.1\..*")
     assert names == _llama_names(1, projs=["q_proj", "v_proj"])
@@ -131,3 +134,68 @@ def test_exclude_via_config():
         "model.layers.1.self_attn.q_proj",
         "model.layers.1.self_attn.v_proj",
     ]
+
+
+def _peft_targets(model, **config) -> list[str]:
+    """The modules PEFT's AdaLoRA adapts on a copy of ``model``."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.AdaLoraConfig(total_step=10, **config))
+    return sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_E"))
+
+
+ARCHS = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert,
+    "deberta-v2": lambda: tiny_model("deberta-v2"),
+    "t5": lambda: tiny_model("t5"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"target_modules": "all-linear"},
+        {"target_modules": "ALL-LINEAR", "task_type": "FEATURE_EXTRACTION"},
+        {"target_modules": ["q_proj", "query", "query_proj", "c_attn", "q"], "layers_to_transform": [1]},
+        {"target_modules": ["q_proj", "query", "query_proj", "c_attn", "q"], "layers_to_transform": 0},
+        {"target_modules": ["v_proj", "value", "value_proj", "c_attn", "v"], "layers_to_transform": [0, 1]},
+    ],
+    ids=["peft-default", "all-linear", "all-linear-upper", "layer-1", "layer-0-int", "layers-0-1"],
+)
+def test_targets_are_peft_s(arch, spec):
+    model = ARCHS[arch]()
+    expected = _peft_targets(model, **spec)
+    ours = af.get_adalora_model(copy.deepcopy(model), af.AdaLoraConfig(total_step=10, **spec))
+    assert sorted(ours.adapted_names) == expected
+    # The config records the modules as PEFT's does, so both reload the same modules from the file.
+    assert ours.adalora_config.target_modules is not None
+
+
+def test_layers_pattern_names_the_layer_container():
+    model = tiny_llama(num_layers=3)
+    spec = {"target_modules": ["q_proj"], "layers_to_transform": [2], "layers_pattern": "layers"}
+    assert _peft_targets(model, **spec) == ["model.layers.2.self_attn.q_proj"]
+    assert find_target_modules(model, ["q_proj"], None, [2], "layers") == ["model.layers.2.self_attn.q_proj"]
+    assert find_target_modules(model, ["q_proj"], None, [2], ["blocks", "layers"]) == [
+        "model.layers.2.self_attn.q_proj"
+    ]
+    with pytest.raises(ValueError, match="layers_to_transform=\\[2\\]"):
+        find_target_modules(model, ["q_proj"], None, [2], "blocks")
+
+
+def test_no_peft_default_for_an_unknown_architecture_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no default target modules for model_type None.*all-linear"):
+        af.get_adalora_model(model, af.AdaLoraConfig())
+    assert af.get_adalora_model(model, af.AdaLoraConfig(target_modules="all-linear")).adapted_names == ["0"]
+
+
+def test_peft_default_is_recorded_in_the_config_and_the_checkpoint(tmp_path):
+    model = af.get_adalora_model(tiny_llama(), af.AdaLoraConfig(total_step=10))
+    assert sorted(model.adalora_config.target_modules) == ["q_proj", "v_proj"]
+    model.save_pretrained(tmp_path)
+    loaded = af.AdaLoraModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.adapted_names == model.adapted_names

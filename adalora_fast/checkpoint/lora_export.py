@@ -42,10 +42,12 @@ def write_lora_adapter(
     scales: Mapping[str, float],
     fan_in_fan_out: Mapping[str, bool],
     adalora_config: AdaLoraConfig,
+    saved_modules: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, int]:
     """Write the LoRA adapter (``adapter_config.json`` with peft_type LORA, ``adapter_model.safetensors``)
     of the kept ``factors`` (``{module: {factor: CPU tensor}}``) with AdaLoRA scales ``scales``
-    (``{module: s}``) into ``path``; returns ``{module: exported rank}``.
+    (``{module: s}``) into ``path``; returns ``{module: exported rank}``. ``saved_modules``
+    (``{module: state}``: trained task heads) are written as the LoRA adapter's ``modules_to_save``.
 
     Raises ``ValueError`` if every module has kept rank 0 (there is no update to export).
     """
@@ -73,8 +75,8 @@ def write_lora_adapter(
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(saved_modules) if saved_modules else None,
     }
     path.mkdir(parents=True, exist_ok=True)
-    write_adapter(path, config, weights)
+    write_adapter(path, config, {**weights, **(saved_modules or {})})
     return ranks

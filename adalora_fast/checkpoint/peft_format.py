@@ -2,8 +2,10 @@
 
 - ``adapter_config.json``: PEFT's ``AdaLoraConfig`` fields; ``rank_pattern`` as
   ``{"<module>.lora_E": [bool] * init_r}``.
-- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A | lora_E | lora_B``, pruned to
+- ``adapter_model.safetensors`` (or PEFT's legacy ``adapter_model.bin``, read with
+  ``torch.load(weights_only=True)``): ``base_model.model.<module>.lora_A | lora_E | lora_B``, pruned to
   the kept ranks (a module may have rank 0).
+- ``README.md``: a model card as PEFT writes one (front matter naming the base model), when absent.
 
 The functions here read and write those files from and to ``{module: {factor: tensor}}`` dicts and
 :class:`~adalora_fast.AdaLoraConfig`; they never see a model (the model supplies and receives the
@@ -26,6 +28,17 @@ from .files import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's safe_serialization=False (and older PEFT versions)
+MODEL_CARD_NAME = "README.md"
+# transformers' pipeline tag per PEFT task type, for the model card.
+PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
 PREFIX = "base_model.model."
 
 Factors = dict[str, dict[str, torch.Tensor]]  # {module: {"lora_A" | "lora_E" | "lora_B": tensor}}
@@ -70,36 +83,85 @@ def config_dict(
     cfg["target_modules"] = target_modules
     # PEFT reads Conv1D (GPT-2) weights transposed only with this flag (else it warns and sets it).
     cfg["fan_in_fan_out"] = fan_in_fan_out
+    cfg["inference_mode"] = True  # as PEFT writes it: a saved adapter loads for inference by default
     return cfg
 
 
-def write_adapter(path: Path, config: Mapping[str, Any], factors: Factors) -> None:
+def weights_file(path: Path) -> Path:
+    """The adapter weights file of the folder ``path``: ``adapter_model.safetensors``, else PEFT's legacy
+    ``adapter_model.bin`` (PEFT's preference too); the safetensors path when there is neither."""
+    safe = path / WEIGHTS_NAME
+    return path / BIN_WEIGHTS_NAME if not safe.is_file() and (path / BIN_WEIGHTS_NAME).is_file() else safe
+
+
+def write_adapter(
+    path: Path, config: Mapping[str, Any], factors: Factors, safe_serialization: bool = True
+) -> None:
     """Write the weights (``factors``: CPU tensors, kept ranks) and then the config into ``path``,
-    each file atomically."""
+    each file atomically; the weights file of the other format, if any, is removed afterwards (PEFT
+    would read a stale ``.safetensors`` before a new ``.bin``)."""
     weights = {f"{PREFIX}{name}.{k}": t for name, tensors in factors.items() for k, t in tensors.items()}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    if safe_serialization:
+        target, other = path / WEIGHTS_NAME, path / BIN_WEIGHTS_NAME
+        atomic_write(target, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    else:
+        target, other = path / BIN_WEIGHTS_NAME, path / WEIGHTS_NAME
+        atomic_write(target, lambda tmp: torch.save(weights, tmp))
     text = json.dumps(dict(config), indent=2, sort_keys=True)
     atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    other.unlink(missing_ok=True)
+
+
+def write_model_card(path: Path, base_model: str | None, task_type: str | None) -> None:
+    """PEFT's model-card front matter in ``path/README.md``, unless the folder already has a README."""
+    card = path / MODEL_CARD_NAME
+    if card.exists():
+        return
+    lines = ["---", f"base_model: {json.dumps(base_model or '')}", "library_name: peft"]
+    if task_type in PIPELINE_TAGS:
+        lines.append(f"pipeline_tag: {PIPELINE_TAGS[task_type]}")
+    tags = [f"base_model:adapter:{base_model or ''}", "adalora", "adalora_fast", "transformers"]
+    lines += ["tags:", *(f"- {json.dumps(t)}" for t in tags), "---", ""]
+    body = (
+        "# AdaLoRA adapter\n\nAn AdaLoRA adapter in PEFT's format, trained with adalora_fast. Load it with "
+        "`peft.PeftModel.from_pretrained(base, path)` or\n"
+        "`adalora_fast.AdaLoraModel.from_pretrained(base, path)`.\n"
+    )
+    text = "\n".join(lines) + "\n" + body
+    atomic_write(card, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_config(path: Path) -> AdaLoraConfig:
     """The :class:`AdaLoraConfig` of the checkpoint folder ``path``."""
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a PEFT/adalora_fast adapter checkpoint")
-    return AdaLoraConfig.from_peft_dict(json.loads(cfg_path.read_text()))
+    return AdaLoraConfig.from_pretrained(path)
 
 
-def read_weights(path: Path) -> Factors:
-    """``{module: {factor: tensor}}`` of ``path/adapter_model.safetensors``; ``ValueError`` naming the
-    file for a key that is not an AdaLoRA adapter tensor (factors may be missing: the caller checks)."""
-    weights_path = path / WEIGHTS_NAME
+def read_weights(path: Path) -> tuple[Factors, dict[str, torch.Tensor]]:
+    """The folder's weights file (:func:`weights_file`) as ``({module: {factor: tensor}}, others)``:
+    the AdaLoRA factors, and every other tensor (``modules_to_save`` state: ``{"<module>.<name>": t}``)
+    for the caller to match. ``ValueError`` naming the file for a key outside ``base_model.model.``
+    (factors may be missing: the caller checks)."""
+    weights_path = weights_file(path)
     if not weights_path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    out: Factors = {}
-    for key, t in load_file(str(weights_path)).items():
-        module, _, kind = key[len(PREFIX) :].rpartition(".")
-        if not key.startswith(PREFIX) or kind not in FACTORS:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (nor {BIN_WEIGHTS_NAME}) in {path}")
+    if weights_path.suffix == ".bin":
+        try:
+            loaded = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling refused or a corrupt file: name the file
+            reason = f"{type(err).__name__}: {err}"
+            raise ValueError(f"{weights_path}: not a readable tensor file ({reason})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+            raise ValueError(f"{weights_path}: not a dict of tensors")
+    else:
+        loaded = load_file(str(weights_path))
+    factors: Factors = {}
+    others: dict[str, torch.Tensor] = {}
+    for key, t in loaded.items():
+        if not key.startswith(PREFIX):
             raise ValueError(f"{weights_path}: unexpected key {key!r} (not an AdaLoRA adapter tensor)")
-        out.setdefault(module, {})[kind] = t
-    return out
+        module, _, kind = key[len(PREFIX) :].rpartition(".")
+        if kind in FACTORS:
+            factors.setdefault(module, {})[kind] = t
+        else:
+            others[key[len(PREFIX) :]] = t
+    return factors, others

@@ -9,8 +9,10 @@ wrong with a folder raises here, naming the file and the module, before the mode
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..config import AdaLoraConfig
 from ..factors import check_factor_shapes
@@ -26,18 +28,35 @@ class Checkpoint:
     config: AdaLoraConfig
     weights: peft_format.Factors
     state: TrainingState | None
+    others: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save state, by full key
+
+    def saved_modules(self, wrapped: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """``{module: {name: tensor}}`` of the modules to save ``wrapped`` names; ``ValueError`` naming
+        the file for a tensor that belongs to no such module (nor to an adapter)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self.others.items():
+            module = next(
+                (m for m in sorted(wrapped, key=len, reverse=True) if key.startswith(m + ".")), None
+            )
+            if module is None:
+                raise ValueError(
+                    f"{peft_format.weights_file(self.path)}: unexpected key {peft_format.PREFIX + key!r} "
+                    "(not an AdaLoRA adapter tensor, nor one of a module in modules_to_save)"
+                )
+            out.setdefault(module, {})[key[len(module) + 1 :]] = t
+        return out
 
     @property
     def source(self) -> Path:
         """The file the factors are loaded from (the training state's full ones when resuming)."""
-        return self.state.path if self.state is not None else self.path / peft_format.WEIGHTS_NAME
+        return self.state.path if self.state is not None else peft_format.weights_file(self.path)
 
     def select(
         self, sizes: Mapping[str, tuple[int, int]]
     ) -> tuple[peft_format.Factors, dict[str, list[bool] | None]]:
         """The factors to load into the modules ``sizes`` names (``{module: (d_in, d_out)}``: the ones
         the model adapts under this config) and each module's held pattern (None: all init_r ranks)."""
-        config, weights_path = self.config, self.path / peft_format.WEIGHTS_NAME
+        config, weights_path = self.config, peft_format.weights_file(self.path)
         extra = sorted(set(self.weights) - set(sizes))
         missing = sorted(set(sizes) - set(self.weights))
         if extra:
@@ -80,8 +99,8 @@ def read_checkpoint(path: str | Path, trainable: bool) -> Checkpoint:
     it belongs to these weights (our own ``compact_after_final`` comes back from it)."""
     root = Path(path)
     config = peft_format.read_config(root)
-    weights = peft_format.read_weights(root)
+    weights, others = peft_format.read_weights(root)
     state = read_training_state(root, stacklevel=4) if trainable else None
     if state is not None and state.compact_after_final is not None:
         config.compact_after_final = bool(state.compact_after_final)  # ours: not in adapter_config.json
-    return Checkpoint(root, config, weights, state)
+    return Checkpoint(root, config, weights, state, others)

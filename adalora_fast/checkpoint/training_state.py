@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..factors import FACTORS
 from .files import atomic_write, file_digest, to_cpu
-from .peft_format import WEIGHTS_NAME
+from .peft_format import weights_file
 
 STATE_NAME = "adalora_training_state.safetensors"
 STATE_FORMAT = 1
@@ -96,7 +96,7 @@ def write_training_state(
         **{k: allocator_state[k] for k in _FLAGS},
         "compact_after_final": compact_after_final,
         "loaded_patterns": dict(held_patterns),
-        "weights_sha256": file_digest(path / WEIGHTS_NAME),
+        "weights_sha256": file_digest(weights_file(path)),
     }
     atomic_write(path / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata={"json": json.dumps(meta)}))
 
@@ -109,7 +109,7 @@ def remove_training_state(path: Path) -> None:
 def read_training_state(path: Path, stacklevel: int = 3) -> TrainingState | None:
     """The training state of checkpoint folder ``path``, or None when there is none or it belongs to
     other adapter weights than the folder's (then with a warning)."""
-    state_path, weights_path = path / STATE_NAME, path / WEIGHTS_NAME
+    state_path, weights_path = path / STATE_NAME, weights_file(path)
     if not state_path.is_file():
         return None
     with safe_open(str(state_path), framework="pt") as f:

@@ -26,7 +26,7 @@ from ..checkpoint.peft_format import parse_rank_pattern
 from ..config import AdaLoraConfig
 from ..factors import FACTORS, RANKNUM_EPS, check_factor_shapes
 from ..model import AdaLoraModel
-from ..targets import base_features, find_target_modules, replace_module
+from ..targets import base_features, config_targets, replace_module
 
 
 @dataclass
@@ -82,8 +82,8 @@ def _collect_layers(root: nn.Module, adapter: str) -> tuple[list[_PeftLayer], li
     for name, module in root.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             raise ValueError(
-                f"module {name!r} is a PEFT modules_to_save copy: adalora_fast adapts linears only and "
-                "does not train or save extra modules"
+                f"module {name!r} is a PEFT modules_to_save copy, which from_peft does not convert yet: "
+                "save the PEFT model (save_pretrained) and load it with AdaLoraModel.from_pretrained"
             )
         if not isinstance(module, AdaLoraLayer):
             continue
@@ -131,10 +131,10 @@ def _peft_scores(tuner: Any, layers: list[_PeftLayer], adapter: str) -> dict[str
 
 
 def _same_targets(root: nn.Module, config: AdaLoraConfig, names: list[str]) -> bool:
-    """Whether our matching of PEFT's ``target_modules`` / ``exclude_modules`` picks exactly PEFT's
-    modules (PEFT fields such as ``layers_to_transform`` narrow the match in ways ours does not)."""
+    """Whether our matching of the config's targets picks exactly the modules PEFT adapted (PEFT's
+    adapters may also have been added to or deleted from a model after its config was written)."""
     try:
-        ours = find_target_modules(root, config.target_modules, config.exclude_modules)
+        ours = config_targets(root, config)
     except ValueError:
         return False
     return sorted(ours) == sorted(names)

@@ -16,7 +16,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     model = checkpoint_model(tiny_llama())
     model.save_pretrained(tmp_path)
     before = (tmp_path / WEIGHTS_NAME).read_bytes()
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, STATE_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, "README.md"])
 
     import adalora_fast.checkpoint.peft_format as peft_format
 
@@ -32,4 +32,4 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, STATE_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, "README.md"])

@@ -128,3 +128,135 @@ def test_saving_without_total_step_warns(tmp_path):
     model = checkpoint_model(tiny_llama(), total_step=None)
     with pytest.warns(UserWarning, match="total_step=None"):
         model.save_pretrained(tmp_path)
+
+
+# ---- checkpoints PEFT's ecosystem reads as its own ------------------------------------------------------
+def test_saved_config_has_peft_s_full_key_set_and_inference_mode(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(seed=0)
+    ours = trained_model(base, ["q_proj", "v_proj"])
+    ours.save_pretrained(tmp_path / "ours")
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.AdaLoraConfig(target_modules=["q_proj", "v_proj"], total_step=12)
+    )
+    pm.save_pretrained(tmp_path / "peft")
+    mine = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    theirs = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    assert set(mine) == set(theirs)
+    assert mine["inference_mode"] is True and theirs["inference_mode"] is True
+    # the final pattern is in the live config too, as in PEFT's after its final mask step
+    saved = {k: v for k, v in mine["rank_pattern"].items()}
+    assert ours.adalora_config.rank_pattern == saved
+    assert ours.adalora_config.inference_mode is False, "saving does not make the live model an inference one"
+    card = (tmp_path / "ours" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "library_name: peft" in card
+
+
+def test_base_model_name_or_path_lets_auto_peft_model_load_our_folder(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    # PEFT's Auto classes need the task type (PEFT's own adapters without one fail the same way)
+    cfg = af.AdaLoraConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj"], init_lora_weights=False, total_step=9
+    )
+    ours = af.get_adalora_model(base, cfg)
+    ours.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    assert f'base_model: "{tmp_path / "base"}"' in (tmp_path / "adapter" / "README.md").read_text()
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    x = batches(1, seed=7)[0]
+    ours.eval()
+    torch.testing.assert_close(logits(auto, x), logits(ours, x), rtol=1e-5, atol=1e-6)
+
+
+def test_bin_weights_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(seed=0)
+    ours = trained_model(base, ["q_proj", "v_proj"])
+    ours.save_pretrained(tmp_path / "ours")  # safetensors first: the .bin save must replace it
+    ours.save_pretrained(tmp_path / "ours", safe_serialization=False)
+    assert (tmp_path / "ours" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "ours" / "adapter_model.safetensors").exists(), "a stale file would be read first"
+    x = batches(1, seed=7)[0]
+    ours.eval()
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(logits(pm, x), logits(ours, x), rtol=1e-5, atol=1e-6)
+    resumed = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours", is_trainable=True)
+    assert resumed.rank_pattern == ours.rank_pattern
+    assert resumed.rank_allocator.state_dict().keys() == ours.rank_allocator.state_dict().keys()
+    # PEFT's legacy .bin loads in ours
+    pm.save_pretrained(tmp_path / "peft", safe_serialization=False)
+    assert (tmp_path / "peft" / "adapter_model.bin").is_file()
+    again = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(again, x), logits(ours, x), rtol=1e-5, atol=1e-6)
+
+
+def test_bin_weights_are_read_without_unpickling_code(tmp_path):
+    base = tiny_llama(seed=0)
+    ours = trained_model(base, ["q_proj"])
+    ours.save_pretrained(tmp_path, safe_serialization=False)
+    torch.save({"x": object()}, tmp_path / "adapter_model.bin")  # pickles an arbitrary object
+    with pytest.raises(ValueError, match="adapter_model.bin: not a readable tensor file"):
+        af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path)
+
+
+def test_save_and_load_take_peft_s_keyword_arguments(tmp_path):
+    base = tiny_llama(seed=0)
+    ours = trained_model(base, ["q_proj", "v_proj"])
+    ours.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists(), "only the main process writes"
+    ours.save_pretrained(tmp_path / "sel", selected_adapters=["default"], save_embedding_layers="auto")
+    with pytest.raises(ValueError, match="selected_adapters"):
+        ours.save_pretrained(tmp_path / "other", selected_adapters=["other"])
+    with pytest.raises(ValueError, match="path_initial_model_for_weight_conversion"):
+        ours.save_pretrained(tmp_path / "pissa", path_initial_model_for_weight_conversion="x")
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['colour'\\]"):
+        ours.save_pretrained(tmp_path / "typo", colour="red")
+    # state_dict=: the factors come from the given state dict (e.g. gathered by FSDP)
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    name = ours.adapted_names[0]
+    sd[f"model.{name}.lora_B"] += 1.0
+    ours.save_pretrained(tmp_path / "sd", state_dict=sd)
+    x = batches(1, seed=7)[0]
+    loaded = af.AdaLoraModel.from_pretrained(
+        copy.deepcopy(base),
+        tmp_path / "sd",
+        adapter_name="default",
+        low_cpu_mem_usage=True,
+        torch_device="cpu",
+    )
+    layer = loaded.model.get_submodule(name)
+    keep = torch.tensor(ours.rank_pattern[name])
+    torch.testing.assert_close(layer.lora_B, sd[f"model.{name}.lora_B"][:, keep])
+    sel = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, subfolder="sel")
+    ours.eval()
+    torch.testing.assert_close(logits(sel, x), logits(ours, x), rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "sel", colour="red")
+    with pytest.raises(ValueError, match="key_mapping"):
+        af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "sel", key_mapping={"a": "b"})
+
+
+def test_from_pretrained_with_a_config_object_and_inference_mode(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(seed=0)
+    ours = trained_model(base, ["q_proj", "v_proj"])
+    ours.save_pretrained(tmp_path)
+    pcfg = peft.AdaLoraConfig.from_pretrained(tmp_path)
+    loaded = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, config=pcfg)
+    assert loaded.adalora_config.inference_mode is True and loaded.rank_allocator is None
+    trainable = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert trainable.adalora_config.inference_mode is False and trainable.rank_allocator is not None
+
+
+def test_saving_after_merge_and_unload_is_a_clear_error(tmp_path):
+    base = tiny_llama(seed=0)
+    ours = trained_model(base, ["q_proj"])
+    ours.merge_and_unload()
+    with pytest.raises(RuntimeError, match="no adapters any more"):
+        ours.save_pretrained(tmp_path)
+    assert not tmp_path.joinpath(CONFIG_NAME).exists()

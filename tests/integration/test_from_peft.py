@@ -148,10 +148,23 @@ def test_unknown_adapter_name_is_refused():
         af.from_peft(pm, adapter_name="other")
 
 
-def test_explicit_targets_when_peft_narrowed_the_match():
+def test_layers_to_transform_is_kept_as_peft_wrote_it():
     pm = peft_adalora(tiny_llama(2), ["q_proj"], total_step=10, layers_to_transform=[1])
     names = [n for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_E")]
     assert names == ["model.layers.1.self_attn.q_proj"]
+    ours = af.from_peft(pm)
+    assert ours.adapted_names == names
+    assert ours.adalora_config.target_modules == ["q_proj"]
+    assert ours.adalora_config.layers_to_transform == [1]
+
+
+def test_explicit_targets_when_peft_s_modules_changed_after_its_config():
+    pm = peft_adalora(tiny_llama(2), ["q_proj", "v_proj"], total_step=10)
+    pm.base_model.model.model.layers[0].self_attn.v_proj = pm.base_model.model.model.layers[
+        0
+    ].self_attn.v_proj.base_layer
+    names = [n for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_E")]
+    assert "model.layers.0.self_attn.v_proj" not in names
     ours = af.from_peft(pm)
     assert ours.adapted_names == names
     assert ours.adalora_config.target_modules == names
