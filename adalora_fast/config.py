@@ -218,10 +218,8 @@ class AdaLoraConfig:
             raise ValueError(f"init_lora_weights='loftq': {REFUSED_FIELDS['loftq_config']}")
         if isinstance(self.r, bool) or not isinstance(self.r, int):
             raise ValueError(f"r must be an integer (it is unused by AdaLoRA; set init_r), got {self.r!r}")
-        if self.bias != "none":
-            if self.bias not in ("all", "lora_only"):
-                raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-            raise ValueError(f"bias={self.bias!r}: training base biases is not supported by adalora_fast yet")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, (set, tuple)):
                 self.modules_to_save = sorted(self.modules_to_save)

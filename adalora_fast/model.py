@@ -27,6 +27,7 @@ from .layer import SVDLinear
 from .peft_api import UNSUPPORTED, PeftModelApi, unsupported_error
 from .reference import adapter_scale
 from .saved_modules import (
+    bias_names,
     check_saved_tensors,
     find_modules_to_save,
     load_saved_tensors,
@@ -96,6 +97,16 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         _warn_fan_in_fan_out(model, config, self.adapted_names)
+        to_save = find_modules_to_save(model, config.modules_to_save or [])
+        self.trained_biases = list(bias_names(model, config.bias, self.adapted_names, to_save))
+        if config.rank_pattern is not None:
+            warnings.warn(
+                "rank_pattern given at creation is not applied: the allocator sets the pattern from its "
+                "scores (PEFT too overwrites it at its first mask step); to start from a saved pattern, "
+                "load the checkpoint with AdaLoraModel.from_pretrained",
+                stacklevel=2,
+            )
+            config.rank_pattern = None
         for name in self.adapted_names:
             base = model.get_submodule(name)
             layer = SVDLinear(
@@ -108,6 +119,8 @@ class AdaLoraModel(PeftModelApi, nn.Module):
             )
             replace_module(model, name, layer)
         self.saved_module_names = wrap_modules_to_save(model, config.modules_to_save or [], adapter_name)
+        for name in self.trained_biases:  # PEFT's bias="all" / "lora_only"
+            model.get_parameter(name).requires_grad_(True)
         bound = _forward_with_signature(self)
         if bound is not None:
             self.forward = bound
@@ -412,6 +425,9 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         )
         full = self._full_factors(state_dict)
         weights = {**self.kept_factors(state_dict), **saved_tensors(self.model, self.saved_module_names)}
+        for name in self.trained_biases:
+            module, _, leaf = name.rpartition(".")
+            weights.setdefault(module, {})[leaf] = to_cpu(self.model.get_parameter(name)).contiguous()
         peft_format.write_adapter(out, cfg, weights, safe_serialization)
         peft_format.write_model_card(out, config.base_model_name_or_path, config.task_type)
         if alloc is None:  # an inference model has no training state; never leave an older one behind
@@ -470,13 +486,24 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         to_save = find_modules_to_save(
             model, modules_to_save_for(config.task_type, config.modules_to_save) or []
         )
-        saved = ckpt.saved_modules(to_save)
+        biases = bias_names(model, config.bias, targets, to_save)
+        saved, saved_biases = ckpt.saved_modules(to_save, biases)
+        for key, name in biases.items():
+            want, got = tuple(model.get_parameter(name).shape), saved_biases.get(key)
+            if got is None or tuple(got.shape) != want:
+                found = "missing" if got is None else f"shape {tuple(got.shape)}"
+                where = peft_format.weights_file(path)
+                raise ValueError(
+                    f"{where}: bias {key!r} (bias={config.bias!r}) is {found}, the model needs {want}"
+                )
         check_saved_tensors(model, to_save, saved, str(peft_format.weights_file(path)))
         if state is not None:
             shapes = {n: {k: tuple(t.shape) for k, t in fs.items()} for n, fs in factors.items()}
             check_state(state.allocator_state(), shapes, str(state.path))
 
+        pattern, config.rank_pattern = config.rank_pattern, None  # the checkpoint's: applied below
         wrapped = cls(model, config, is_trainable=False)
+        config.rank_pattern = pattern
         for name, layer in wrapped.adapted_layers:
             tensors = factors[name]
             r = tensors["lora_A"].shape[0]
@@ -486,6 +513,9 @@ class AdaLoraModel(PeftModelApi, nn.Module):
                 for k, t in tensors.items():
                     getattr(layer, k).copy_(t)
         load_saved_tensors(wrapped.model, saved)
+        with torch.no_grad():
+            for key, t in saved_biases.items():
+                wrapped.model.get_parameter(key).copy_(t)
         wrapped.is_trainable = is_trainable
         if not is_trainable:
             wrapped.requires_grad_(False)
@@ -497,6 +527,8 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         for name in wrapped.saved_module_names:
             wrapper = wrapped.model.get_submodule(name)
             wrapper.modules_to_save[wrapper.active_adapter].requires_grad_(True)
+        for name in wrapped.trained_biases:
+            wrapped.model.get_parameter(name).requires_grad_(True)
         wrapped.build_allocator()
         if state is not None:
             wrapped.rank_allocator.load_state_dict(state.allocator_state(), str(state.path))

@@ -1,4 +1,5 @@
-"""PEFT's ``modules_to_save``: whole modules (a task head) trained and saved beside the adapters.
+"""What PEFT trains and saves beside the adapters: ``modules_to_save`` (whole modules, e.g. a task head)
+and, with ``bias="all"`` / ``"lora_only"``, base biases.
 
 Each matching module is wrapped as PEFT wraps it: the frozen ``original_module`` and a trainable copy
 ``modules_to_save[adapter_name]``, which the forward uses unless adapters are disabled. The parameter
@@ -17,7 +18,13 @@ from torch import nn
 
 from .targets import replace_module
 
-__all__ = ["HEAD_MODULES", "ModulesToSaveWrapper", "modules_to_save_for", "wrap_modules_to_save"]
+__all__ = [
+    "HEAD_MODULES",
+    "ModulesToSaveWrapper",
+    "bias_names",
+    "modules_to_save_for",
+    "wrap_modules_to_save",
+]
 
 # The heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification, ...).
 HEAD_MODULES = {
@@ -126,3 +133,22 @@ def load_saved_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torc
     for key, state in tensors.items():
         wrapper = model.get_submodule(key)
         wrapper.modules_to_save[wrapper.active_adapter].load_state_dict(dict(state), strict=True)
+
+
+def bias_names(model: nn.Module, bias: str, adapted: Iterable[str], saved: Iterable[str]) -> dict[str, str]:
+    """The biases PEFT trains and saves for ``bias`` ("all": every parameter whose name holds "bias";
+    "lora_only": the adapted layers' own), as ``{name once adapted: name in model}`` (an adapted
+    layer's bias moves under ``.base_layer``, as in PEFT's keys); modules to save keep theirs."""
+    if bias == "none":
+        return {}
+    adapted, saved = set(adapted), list(saved)
+    out = {}
+    for name, _ in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if "bias" not in name or any(module == m or module.startswith(m + ".") for m in saved):
+            continue
+        if module in adapted:
+            out[f"{module}.base_layer.{leaf}"] = name
+        elif bias == "all" and ".base_layer." not in name:
+            out[name] = name
+    return out

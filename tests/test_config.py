@@ -228,7 +228,7 @@ PEFT_FIELD_CASES = {
     "lora_alpha": (16, "honoured"),
     "lora_dropout": (0.1, "honoured"),
     "fan_in_fan_out": (True, "honoured"),
-    "bias": ("all", "refused"),
+    "bias": ("all", "honoured"),
     "use_rslora": (True, "ignored"),
     "modules_to_save": (["lm_head"], "honoured"),
     "init_lora_weights": (False, "honoured"),
@@ -432,3 +432,14 @@ def test_init_lora_weights_false_draws_peft_s_values():
                     getattr(layer, k), getattr(theirs[name], k)["default"], rtol=0, atol=0
                 )
         assert bool((ours.adapted_layers[0][1].lora_E != 0).any()) is (not init)
+
+
+def test_rank_pattern_at_creation_is_not_silently_applied():
+    pattern = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False]}
+    cfg = af.AdaLoraConfig(
+        init_r=4, target_r=2, target_modules=["q_proj"], rank_pattern=pattern, total_step=10
+    )
+    with pytest.warns(UserWarning, match="rank_pattern given at creation is not applied"):
+        model = af.get_adalora_model(tiny_llama(), cfg)
+    assert all(all(p) for p in model.rank_pattern.values())
+    assert model.adalora_config.rank_pattern is None

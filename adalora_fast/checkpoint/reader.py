@@ -30,21 +30,31 @@ class Checkpoint:
     state: TrainingState | None
     others: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save state, by full key
 
-    def saved_modules(self, wrapped: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """``{module: {name: tensor}}`` of the modules to save ``wrapped`` names; ``ValueError`` naming
-        the file for a tensor that belongs to no such module (nor to an adapter)."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
+    def saved_modules(
+        self, wrapped: list[str], biases: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """``({module: {name: tensor}}, {bias key: tensor})``: the state of the modules to save ``wrapped``
+        names, and the trained biases among ``biases`` (their keys); ``ValueError`` naming the file for a
+        tensor that belongs to neither (nor to an adapter)."""
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        trained: dict[str, torch.Tensor] = {}
+        longest_first = sorted(wrapped, key=len, reverse=True)
         for key, t in self.others.items():
-            module = next(
-                (m for m in sorted(wrapped, key=len, reverse=True) if key.startswith(m + ".")), None
-            )
+            if biases and key in biases:
+                trained[key] = t
+                continue
+            module = next((m for m in longest_first if key.startswith(m + ".")), None)
             if module is None:
                 raise ValueError(
                     f"{peft_format.weights_file(self.path)}: unexpected key {peft_format.PREFIX + key!r} "
-                    "(not an AdaLoRA adapter tensor, nor one of a module in modules_to_save)"
+                    f"(not an AdaLoRA adapter tensor, a module in modules_to_save, nor a bias trained with "
+                    f"bias={self.config.bias!r})"
                 )
-            out.setdefault(module, {})[key[len(module) + 1 :]] = t
-        return out
+            inner = key[len(module) + 1 :]
+            if inner.startswith(("original_module.", "modules_to_save.")):
+                continue  # PEFT's bias="all" also writes the wrapper's inner biases: copies of the above
+            modules.setdefault(module, {})[inner] = t
+        return modules, trained
 
     @property
     def source(self) -> Path:

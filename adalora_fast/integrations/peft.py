@@ -169,8 +169,8 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
     bias = getattr(peft_cfg, "bias", "none")
     if bias != "none":
         raise ValueError(
-            f"the PEFT adapter trains biases (bias={bias!r}): adalora_fast adapts A, E, B only and keeps "
-            "every base parameter frozen"
+            f"the PEFT adapter trains biases (bias={bias!r}), which from_peft does not convert yet: save the "
+            "PEFT model (save_pretrained) and load it with AdaLoraModel.from_pretrained"
         )
     root = tuner.model
     layers, others = _collect_layers(root, adapter)

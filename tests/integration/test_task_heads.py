@@ -150,3 +150,54 @@ def test_lora_export_carries_the_head(tmp_path):
     x, _ = _batch(3)
     model.eval()
     torch.testing.assert_close(_logits(lora, x), _logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_as_peft(tmp_path, bias):
+    """bias="all" / "lora_only": the same biases train as in PEFT (counts, losses step by step), are
+    saved under PEFT's keys and load both ways with equal logits."""
+    base = tiny_model("bert-cls", seed=0)
+    spec = dict(task_type="SEQ_CLS", target_modules=["query", "value"], bias=bias, **SCHEDULE)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**spec))
+    ours = af.get_adalora_model(copy.deepcopy(base), af.AdaLoraConfig(**spec))
+    assert ours.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+    def biases(named, prefix):  # the trained base biases (heads and adapters are compared elsewhere)
+        keep = ("bias", "modules_to")
+        return {
+            n.removeprefix(prefix) for n, p in named if p.requires_grad and keep[0] in n and keep[1] not in n
+        }
+
+    assert biases(ours.named_parameters(), "model.") == biases(pm.named_parameters(), "base_model.model.")
+    assert biases(ours.named_parameters(), "model."), "some biases must train"
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_E" in n:
+                p.normal_(0, 0.5)
+            elif p.requires_grad and "bias" in n:
+                p.add_(0.05)
+    pm.save_pretrained(tmp_path)
+    ours = af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    x, _ = _batch(4)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), rtol=1e-5, atol=1e-6)
+    ours.train()
+    theirs.train()
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    opt_p = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    data = [dict(zip(("input_ids", "labels"), _batch(s, labels=3), strict=True)) for s in range(5)]
+    train_side_by_side(theirs, ours, opt_p, opt_o, data, range(len(data)), seed_dropout=True)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    ours.eval()
+    torch.testing.assert_close(_logits(back, x), _logits(ours, x), rtol=1e-5, atol=1e-6)
+    # a bias missing from the file is a clear error, before the model is touched
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "ours" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if not k.endswith("query.base_layer.bias")}, path)
+    with pytest.raises(ValueError, match="bias 'bert.encoder.layer.0.attention.self.query.base_layer.bias'"):
+        af.AdaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
