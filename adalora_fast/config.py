@@ -60,7 +60,6 @@ REFUSED_FIELDS = {
     "arrow_config": "Arrow routing is a LoRA variant that AdaLoRA does not have",
     "kasa_config": "KaSA is a LoRA variant that AdaLoRA does not have",
     "target_parameters": "AdaLoRA adapts modules, not nn.Parameters (PEFT's AdaLoRA fails on it too)",
-    "layer_replication": "layer replication is not supported by adalora_fast",
     "trainable_token_indices": "trainable tokens are not supported by adalora_fast",
 }
 
@@ -242,6 +241,14 @@ class AdaLoraConfig:
                 raise ValueError(
                     f"layers_to_transform must be an int or a list of ints >= 0, got {indices!r}"
                 )
+        if self.layer_replication is not None:
+            pairs = self.layer_replication
+            if not isinstance(pairs, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) for i in p)
+                for p in pairs
+            ):
+                raise ValueError(f"layer_replication must be a list of [start, end) pairs, got {pairs!r}")
+            self.layer_replication = [tuple(p) for p in pairs]
         for name, why in REFUSED_FIELDS.items():
             value = getattr(self, name)
             if not _is_default(name, value):

@@ -35,7 +35,13 @@ from .saved_modules import (
     saved_tensors,
     wrap_modules_to_save,
 )
-from .targets import base_features, config_targets, replace_module, resolved_target_modules
+from .targets import (
+    base_features,
+    config_targets,
+    replace_module,
+    replicate_layers,
+    resolved_target_modules,
+)
 
 
 def _forward_with_signature(model: AdaLoraModel) -> types.MethodType | None:
@@ -89,6 +95,8 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         self.model = model
         self.adalora_config = config
         self.backend = config.resolved_backend
+        if config.layer_replication:  # PEFT's LoRA layer replication, before anything is targeted
+            replicate_layers(model, config.layer_replication)
         # As PEFT's task models: the task head is trained and saved (SEQ_CLS: classifier / score).
         config.modules_to_save = modules_to_save_for(config.task_type, config.modules_to_save)
         self.adapted_names = config_targets(model, config)
@@ -475,11 +483,25 @@ class AdaLoraModel(PeftModelApi, nn.Module):
             warnings.warn("from_pretrained: ephemeral_gpu_offload is a DoRA option; ignored", stacklevel=2)
         path = Path(model_id) / subfolder if subfolder else Path(model_id)
         ckpt = read_checkpoint(path, trainable=is_trainable)
-        state = ckpt.state
         config = ckpt.config if config is None else AdaLoraConfig.coerce(config)
         config.inference_mode = not is_trainable  # as PEFT sets it on load
         if backend is not None:
             config.backend = backend
+        undo = replicate_layers(model, config.layer_replication) if config.layer_replication else None
+        try:
+            wrapped = cls._load(model, path, ckpt, config, is_trainable)
+        except BaseException:
+            if undo is not None:
+                undo()  # nothing half-changed: the model gets its own layer list back
+            raise
+        return wrapped
+
+    @classmethod
+    def _load(
+        cls, model: nn.Module, path: Path, ckpt: Any, config: AdaLoraConfig, is_trainable: bool
+    ) -> AdaLoraModel:
+        """:meth:`from_pretrained` once the folder is read (and the layers replicated, if asked)."""
+        state = ckpt.state
         targets = config_targets(model, config)
         sizes = {name: _sizes(name, model.get_submodule(name), ckpt.source) for name in targets}
         factors, held = ckpt.select(sizes)
@@ -501,9 +523,11 @@ class AdaLoraModel(PeftModelApi, nn.Module):
             shapes = {n: {k: tuple(t.shape) for k, t in fs.items()} for n, fs in factors.items()}
             check_state(state.allocator_state(), shapes, str(state.path))
 
-        pattern, config.rank_pattern = config.rank_pattern, None  # the checkpoint's: applied below
+        # The checkpoint's pattern is applied below; the layers are already replicated.
+        pattern, config.rank_pattern = config.rank_pattern, None
+        replication, config.layer_replication = config.layer_replication, None
         wrapped = cls(model, config, is_trainable=False)
-        config.rank_pattern = pattern
+        config.rank_pattern, config.layer_replication = pattern, replication
         for name, layer in wrapped.adapted_layers:
             tensors = factors[name]
             r = tensors["lora_A"].shape[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -200,3 +201,52 @@ def resolved_target_modules(model: nn.Module, target_modules: Any, adapted_names
     if isinstance(target_modules, str) and target_modules.lower() in (ALL_LINEAR, ALL_PROJECTIONS):
         return sorted(adapted_names)
     return target_modules
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """Where PEFT's layer replication finds the decoder/encoder layers: ``(owner, attribute)`` of a
+    ``ModuleList`` at ``model[.model]*.layers`` (Llama), ``[.bert].encoder.layer`` (BERT) or ``.h``."""
+    while hasattr(model, "model") and isinstance(model.model, nn.Module):
+        model = model.model
+    if hasattr(model, "bert"):
+        model = model.bert
+    for owner, attr in ((model, "layers"), (getattr(model, "encoder", None), "layer"), (model, "h")):
+        if owner is not None and isinstance(getattr(owner, attr, None), nn.ModuleList):
+            return owner, attr
+    raise ValueError(
+        f"layer_replication: no layer list in {type(model).__name__} (Llama-, BERT- or Falcon-style "
+        "architectures only, as in PEFT)"
+    )
+
+
+def replicate_layers(model: nn.Module, layer_map: list[tuple[int, int]]) -> Any:
+    """PEFT's ``layer_replication``: the layer list becomes the ranges ``[start, end)`` of ``layer_map``
+    one after the other, each entry a clone sharing its parameters with the original layer (so each
+    gets its own adapters). Returns a function that restores the original list."""
+    owner, attr = _layer_list(model)
+    layers = getattr(owner, attr)
+    config = getattr(owner, "config", None) or getattr(model, "config", None)
+    before = getattr(config, "num_hidden_layers", None)
+    new: list[nn.Module] = []
+    for start, end in layer_map:
+        if not 0 <= start < end <= len(layers):
+            raise ValueError(f"layer_replication: range [{start}, {end}) is outside the {len(layers)} layers")
+        for i in range(start, end):
+            clone = copy.deepcopy(layers[i])
+            for name, sub in layers[i].named_modules():
+                for pname, param in sub.named_parameters(recurse=False):
+                    clone.get_submodule(name).register_parameter(pname, param)  # shared weights
+            for sub in clone.modules():  # transformers' per-layer cache index
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = len(new)
+            new.append(clone)
+    setattr(owner, attr, nn.ModuleList(new))
+    if before is not None:
+        config.num_hidden_layers = len(new)
+
+    def undo() -> None:
+        setattr(owner, attr, layers)
+        if before is not None:
+            config.num_hidden_layers = before
+
+    return undo

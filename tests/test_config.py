@@ -249,7 +249,7 @@ PEFT_FIELD_CASES = {
     "use_qalora": (True, "ignored"),
     "qalora_group_size": (8, "ignored"),
     "monteclora_config": ({"n": 2}, "ignored"),
-    "layer_replication": ([(0, 1)], "refused"),
+    "layer_replication": ([(0, 1)], "honoured"),
     "runtime_config": ({"ephemeral_gpu_offload": True}, "ignored"),
     "lora_bias": (True, "ignored"),
     "target_parameters": (["mlp.up_proj.weight"], "refused"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -199,3 +200,61 @@ def test_peft_default_is_recorded_in_the_config_and_the_checkpoint(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = af.AdaLoraModel.from_pretrained(tiny_llama(), tmp_path)
     assert loaded.adapted_names == model.adapted_names
+
+
+def test_layer_replication_as_peft(tmp_path):
+    """layer_replication=[(0, 2), (1, 2)]: three layers sharing the base weights of two, each with its
+    own adapters, as PEFT builds them; same losses and masks as PEFT from PEFT's checkpoint, both ways."""
+    peft = pytest.importorskip("peft")
+    from tests.helpers import batches, peft_adalora, train_side_by_side
+
+    spec = dict(
+        layer_replication=[(0, 2), (1, 2)],
+        init_r=4,
+        target_r=2,
+        tinit=1,
+        tfinal=2,
+        deltaT=1,
+        total_step=8,
+        task_type="CAUSAL_LM",
+    )
+    base = tiny_llama(num_layers=2)
+    pm = peft_adalora(copy.deepcopy(base), ["q_proj", "v_proj"], **spec)
+    ours = af.get_adalora_model(
+        copy.deepcopy(base), af.AdaLoraConfig(target_modules=["q_proj", "v_proj"], **spec)
+    )
+    assert sorted(ours.adapted_names) == sorted(
+        n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_E")
+    )
+    layers = ours.model.model.layers
+    assert len(layers) == 3 and ours.model.config.num_hidden_layers == 3
+    assert layers[2].self_attn.q_proj.base_layer.weight is layers[1].self_attn.q_proj.base_layer.weight
+    assert layers[2].self_attn.q_proj.lora_A is not layers[1].self_attn.q_proj.lora_A
+    pm.save_pretrained(tmp_path)
+    fresh = copy.deepcopy(base)
+    ours = af.AdaLoraModel.from_pretrained(fresh, tmp_path, is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    ours.train()
+    theirs.train()
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    opt_p = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    data = batches(spec["total_step"])
+    assert train_side_by_side(theirs, ours, opt_p, opt_o, data, range(len(data))) > 0
+    # a failed load leaves the model's own layer list
+    other = copy.deepcopy(base)
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if ".layers.2." not in k}, path)
+    with pytest.raises(ValueError, match="no weights for module 'model.layers.2.self_attn"):
+        af.AdaLoraModel.from_pretrained(other, tmp_path)
+    assert len(other.model.layers) == 2 and other.config.num_hidden_layers == 2
+
+
+def test_layer_replication_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"range \[1, 5\) is outside the 2 layers"):
+        af.get_adalora_model(
+            tiny_llama(), af.AdaLoraConfig(target_modules=["q_proj"], layer_replication=[(1, 5)])
+        )
+    with pytest.raises(ValueError, match="layer_replication must be a list"):
+        af.AdaLoraConfig(layer_replication=[1, 2])
