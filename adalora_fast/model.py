@@ -28,6 +28,7 @@ from .peft_api import UNSUPPORTED, PeftModelApi, unsupported_error
 from .reference import adapter_scale
 from .saved_modules import (
     bias_names,
+    check_saved_biases,
     check_saved_tensors,
     find_modules_to_save,
     load_saved_tensors,
@@ -303,12 +304,14 @@ class AdaLoraModel(PeftModelApi, nn.Module):
             out[name] = expand_pattern(layer.held_pattern, local, layer.init_r)
         return out
 
-    def _sync_rank_pattern(self) -> None:
+    def _sync_rank_pattern(self) -> dict[str, list[bool]] | None:
         """Write the current pattern into the config as PEFT keeps it during training (``rank_pattern``,
         ``{module}.lora_E`` keys), when the config is read (one host sync) rather than on every mask step."""
         pattern = self._saved_rank_pattern()
-        if pattern is not None:
-            self.adalora_config.rank_pattern = {f"{n}.lora_E": p for n, p in pattern.items()}
+        self.adalora_config.rank_pattern = (
+            None if pattern is None else {f"{n}.lora_E": p for n, p in pattern.items()}
+        )
+        return pattern
 
     def kept_ranks(self) -> dict[str, int]:
         return {n: sum(p) for n, p in self.rank_pattern.items()}
@@ -385,10 +388,10 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         ``selected_adapters`` may name this model's one adapter; ``state_dict=`` (a keyword) supplies
         this model's full state dict (e.g. gathered by a distributed engine)."""
         state_dict = kwargs.pop("state_dict", None)
-        name = getattr(self, "adapter_name", "default")
-        if selected_adapters is not None and list(selected_adapters) != [name]:
+        if selected_adapters is not None and list(selected_adapters) != [self.adapter_name]:
             raise ValueError(
-                f"save_pretrained: selected_adapters={selected_adapters!r}; this model has {name!r} only"
+                f"save_pretrained: selected_adapters={selected_adapters!r}; this model has "
+                f"{self.adapter_name!r} only"
             )
         if path_initial_model_for_weight_conversion is not None:
             raise ValueError(
@@ -422,13 +425,11 @@ class AdaLoraModel(PeftModelApi, nn.Module):
             )
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = _name_or_path(self.model)
-        pattern = self._saved_rank_pattern()
-        config.rank_pattern = None if pattern is None else {f"{n}.lora_E": p for n, p in pattern.items()}
+        pattern = self._sync_rank_pattern()
         cfg = peft_format.config_dict(
             config,
             pattern,
-            # None: record what the defaults picked, so that PEFT finds the same modules
-            config.target_modules if config.target_modules is not None else sorted(self.adapted_names),
+            config.target_modules,  # resolved by __init__ (PEFT's default list, a shorthand's names)
             any(layer.fan_in_fan_out for _, layer in self.adapted_layers),
         )
         full = self._full_factors(state_dict)
@@ -510,15 +511,9 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         )
         biases = bias_names(model, config.bias, targets, to_save)
         saved, saved_biases = ckpt.saved_modules(to_save, biases)
-        for key, name in biases.items():
-            want, got = tuple(model.get_parameter(name).shape), saved_biases.get(key)
-            if got is None or tuple(got.shape) != want:
-                found = "missing" if got is None else f"shape {tuple(got.shape)}"
-                where = peft_format.weights_file(path)
-                raise ValueError(
-                    f"{where}: bias {key!r} (bias={config.bias!r}) is {found}, the model needs {want}"
-                )
-        check_saved_tensors(model, to_save, saved, str(peft_format.weights_file(path)))
+        source = str(peft_format.weights_file(path))
+        check_saved_biases(model, biases, saved_biases, source)
+        check_saved_tensors(model, to_save, saved, source)
         if state is not None:
             shapes = {n: {k: tuple(t.shape) for k, t in fs.items()} for n, fs in factors.items()}
             check_state(state.allocator_state(), shapes, str(state.path))

@@ -152,3 +152,15 @@ def bias_names(model: nn.Module, bias: str, adapted: Iterable[str], saved: Itera
         elif bias == "all" and ".base_layer." not in name:
             out[name] = name
     return out
+
+
+def check_saved_biases(
+    model: nn.Module, biases: Mapping[str, str], tensors: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """``ValueError`` naming ``source`` unless ``tensors`` holds every bias ``biases`` names (``{key:
+    name in model}``, :func:`bias_names`) with the model's shape (checked before anything is loaded)."""
+    for key, name in biases.items():
+        want, got = tuple(model.get_parameter(name).shape), tensors.get(key)
+        if got is None or tuple(got.shape) != want:
+            found = "missing" if got is None else f"shape {tuple(got.shape)}"
+            raise ValueError(f"{source}: trained bias {key!r} is {found}, the model needs {want}")
