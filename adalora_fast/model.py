@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .allocator import RankAllocator, check_state, reject_sharded_adapters
 from .checkpoint import lora_export, peft_format, training_state
 from .checkpoint.files import to_cpu
+from .checkpoint.peft_format import parse_rank_pattern
 from .checkpoint.reader import read_checkpoint
 from .config import AdaLoraConfig
 from .factors import FACTORS, check_factor_shapes, expand_pattern
@@ -43,6 +44,39 @@ from .targets import (
     replicate_layers,
     resolved_target_modules,
 )
+
+
+def _creation_pattern(
+    config: AdaLoraConfig, adapted: list[str], adapter_name: str, is_trainable: bool
+) -> dict[str, list[bool]] | None:
+    """The ``rank_pattern`` a config brings to a new model, checked against the adapted modules
+    (``{module: [bool] * init_r}``; modules it does not name keep every rank), or None. A model for
+    inference does not apply it (PEFT only reads it to save and to mask in its final phase): it is
+    dropped with a warning; to serve a pruned adapter, load its checkpoint with ``from_pretrained``."""
+    if config.rank_pattern is None:
+        return None
+    if not is_trainable:
+        warnings.warn(
+            "rank_pattern given at creation of a model for inference is not applied; to load a pruned "
+            "adapter, use AdaLoraModel.from_pretrained(model, checkpoint_dir)",
+            stacklevel=4,
+        )
+        config.rank_pattern = None
+        return None
+    pattern = parse_rank_pattern(config.rank_pattern, adapter_name, source="AdaLoraConfig.rank_pattern")
+    assert pattern is not None
+    names = set(adapted)
+    for name, keep in pattern.items():
+        if name not in names:
+            raise ValueError(
+                f"AdaLoraConfig.rank_pattern names {name + '.lora_E'!r}, which is not an adapted module "
+                f"(adapted: {', '.join(adapted[:3])}{', ...' if len(adapted) > 3 else ''})"
+            )
+        if len(keep) != config.init_r:
+            raise ValueError(
+                f"AdaLoraConfig.rank_pattern of {name!r} has {len(keep)} entries, init_r is {config.init_r}"
+            )
+    return pattern
 
 
 def _forward_with_signature(model: AdaLoraModel) -> types.MethodType | None:
@@ -96,11 +130,17 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         self.model = model
         self.adalora_config = config
         self.backend = config.resolved_backend
-        if config.layer_replication:  # PEFT's LoRA layer replication, before anything is targeted
-            replicate_layers(model, config.layer_replication)
+        # PEFT's LoRA layer replication, before anything is targeted; undone if the config is refused.
+        undo = replicate_layers(model, config.layer_replication) if config.layer_replication else None
         # As PEFT's task models: the task head is trained and saved (SEQ_CLS: classifier / score).
         config.modules_to_save = modules_to_save_for(config.task_type, config.modules_to_save)
-        self.adapted_names = config_targets(model, config)
+        try:
+            self.adapted_names = config_targets(model, config)
+            start_pattern = _creation_pattern(config, self.adapted_names, adapter_name, is_trainable)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
         # As PEFT, the config records what was applied (its default list, the names of a shorthand).
         config.target_modules = resolved_target_modules(model, config.target_modules, self.adapted_names)
         for p in model.parameters():
@@ -108,14 +148,6 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         _warn_fan_in_fan_out(model, config, self.adapted_names)
         to_save = find_modules_to_save(model, config.modules_to_save or [])
         self.trained_biases = list(bias_names(model, config.bias, self.adapted_names, to_save))
-        if config.rank_pattern is not None:
-            warnings.warn(
-                "rank_pattern given at creation is not applied: the allocator sets the pattern from its "
-                "scores (PEFT too overwrites it at its first mask step); to start from a saved pattern, "
-                "load the checkpoint with AdaLoraModel.from_pretrained",
-                stacklevel=2,
-            )
-            config.rank_pattern = None
         for name in self.adapted_names:
             base = model.get_submodule(name)
             layer = SVDLinear(
@@ -137,6 +169,8 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         self.rank_allocator: RankAllocator | None = None
         if is_trainable:
             self.build_allocator()
+            if start_pattern is not None:
+                self._start_from_pattern(start_pattern)
         else:
             self.requires_grad_(False)
         # As PeftModel.__init__ (is_gradient_checkpointing's new name, which does not warn, first).
@@ -165,6 +199,20 @@ class AdaLoraModel(PeftModelApi, nn.Module):
     def build_allocator(self) -> None:
         """(Re)create the allocator for the current layers (after resizing layers)."""
         self.rank_allocator = RankAllocator(self.adapted_layers, self.adalora_config, self.backend)
+
+    def _start_from_pattern(self, pattern: dict[str, list[bool]]) -> None:
+        """A ``rank_pattern`` given at creation, as PEFT keeps it: the recorded pattern (saved
+        checkpoints hold its ranks, steps past ``total_step - tfinal`` mask with it) until the first
+        mask step replaces it. Nothing is masked now: every rank still trains."""
+        alloc = self.rank_allocator
+        assert alloc is not None
+        keep = {
+            name: torch.tensor(pattern.get(name, [True] * layer.init_r))
+            for name, layer in self.adapted_layers
+        }
+        state = alloc.state_dict()
+        state.update(keep=keep, masked=True, budget=sum(int(k.sum()) for k in keep.values()))
+        alloc.load_state_dict(state, "AdaLoraConfig.rank_pattern")
 
     # ---- forward and regulariser ------------------------------------------------------------
     def orth_regularization(self) -> torch.Tensor:

@@ -432,14 +432,3 @@ def test_init_lora_weights_false_draws_peft_s_values():
                     getattr(layer, k), getattr(theirs[name], k)["default"], rtol=0, atol=0
                 )
         assert bool((ours.adapted_layers[0][1].lora_E != 0).any()) is (not init)
-
-
-def test_rank_pattern_at_creation_is_not_silently_applied():
-    pattern = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False]}
-    cfg = af.AdaLoraConfig(
-        init_r=4, target_r=2, target_modules=["q_proj"], rank_pattern=pattern, total_step=10
-    )
-    with pytest.warns(UserWarning, match="rank_pattern given at creation is not applied"):
-        model = af.get_adalora_model(tiny_llama(), cfg)
-    assert all(all(p) for p in model.rank_pattern.values())
-    assert model.adalora_config.rank_pattern is None

@@ -13,7 +13,16 @@ import adalora_fast as af
 from adalora_fast.factors import FACTORS
 from adalora_fast.layer import SVDLinear
 from adalora_fast.peft_api import UNSUPPORTED
-from tests.helpers import batches, is_untouched, peft_adalora, peft_pattern, tiny_gpt2, tiny_llama, tiny_model
+from tests.helpers import (
+    batches,
+    is_untouched,
+    peft_adalora,
+    peft_pattern,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_model,
+    train_side_by_side,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -144,6 +153,90 @@ def test_peft_documented_loop_runs_unchanged():
     # PEFT keeps the config's rank_pattern current (keys: parameter names without the adapter name).
     theirs = {k.removesuffix(".default"): v for k, v in pm.peft_config["default"].rank_pattern.items()}
     assert ours.peft_config["default"].rank_pattern == theirs
+
+
+# ---- rank_pattern given at creation ---------------------------------------------------------------------
+def _start_pattern(model) -> dict[str, list[bool]]:
+    """A fixed pattern over every adapted module (PEFT's config keys), 2 or 3 of 4 ranks kept."""
+    return {f"{n}.lora_E": [(i + j) % 3 != 0 for j in range(4)] for i, n in enumerate(model.adapted_names)}
+
+
+def _pair_with_start_pattern():
+    probe = af.get_peft_model(tiny_llama(), _config())
+    pm, ours = _pair(rank_pattern=_start_pattern(probe))
+    return pm, ours, {k.removesuffix(".lora_E"): v for k, v in _start_pattern(probe).items()}
+
+
+def _opts(pm, ours):
+    return [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-2) for m in (pm, ours)]
+
+
+def test_rank_pattern_at_creation_is_saved_as_peft_saves_it(tmp_path):
+    from safetensors.torch import load_file
+
+    pm, ours, pattern = _pair_with_start_pattern()
+    assert ours.rank_pattern == pattern == peft_pattern(pm)  # recorded, nothing masked yet
+    assert all(bool((layer.lora_E != 0).all()) for _, layer in ours.adapted_layers)
+    pm.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(mine) == sorted(theirs)
+    for key, t in theirs.items():  # PEFT truncates the saved factors to the pattern: so do we
+        torch.testing.assert_close(mine[key], t, rtol=0, atol=0, msg=key)
+    assert mine["base_model.model.model.layers.0.self_attn.q_proj.lora_A"].shape[0] == 2
+    loaded = af.AdaLoraModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    assert loaded.kept_ranks() == {n: sum(p) for n, p in pattern.items()}
+
+
+def test_rank_pattern_at_creation_masks_steps_past_the_final_one_as_peft():
+    pm, ours, pattern = _pair_with_start_pattern()
+    opt_p, opt_o = _opts(pm, ours)
+    final = SCHEDULE["total_step"] - SCHEDULE["tfinal"]
+    steps = range(final + 1, SCHEDULE["total_step"] + 2)  # a run resumed past the final step
+    assert train_side_by_side(pm, ours, opt_p, opt_o, batches(steps.stop), steps) == len(steps)
+    assert ours.rank_pattern == pattern
+    for name, layer in ours.adapted_layers:
+        masked = ~torch.tensor(pattern[name])
+        assert bool((layer.lora_E[masked] == 0).all()) and bool((layer.lora_E[~masked] != 0).all())
+
+
+def test_rank_pattern_at_creation_is_replaced_by_the_first_mask_step_as_peft():
+    pm, ours, pattern = _pair_with_start_pattern()
+    opt_p, opt_o = _opts(pm, ours)
+    steps = range(SCHEDULE["tinit"] + 4)
+    train_side_by_side(pm, ours, opt_p, opt_o, batches(steps.stop), steps)  # patterns equal at every step
+    assert ours.rank_pattern != pattern
+
+
+def test_rank_pattern_at_creation_is_checked_before_anything_changes():
+    base = tiny_llama()
+    layers = base.model.layers
+    with pytest.raises(ValueError, match=r"rank_pattern names 'model.layers.0.mlp.up_proj.lora_E'"):
+        af.get_peft_model(
+            base,
+            _config(
+                rank_pattern={"model.layers.0.mlp.up_proj.lora_E": [True] * 4},
+                layer_replication=[(0, 2), (1, 2)],
+            ),
+        )
+    assert base.model.layers is layers and len(layers) == 2 and base.config.num_hidden_layers == 2
+    assert is_untouched(base)
+    bad = {"model.layers.0.self_attn.q_proj.lora_E": [True] * 3}
+    with pytest.raises(ValueError, match=r"rank_pattern of 'model.layers.0.self_attn.q_proj' has 3 entries"):
+        af.get_peft_model(tiny_llama(), _config(rank_pattern=bad))
+    with pytest.raises(ValueError, match="does not name a lora_E"):
+        af.get_peft_model(tiny_llama(), _config(rank_pattern={"model.layers.0.self_attn.q_proj": [True] * 4}))
+
+
+def test_rank_pattern_at_creation_of_an_inference_model_warns_and_is_dropped():
+    probe = af.get_peft_model(tiny_llama(), _config())
+    with pytest.warns(UserWarning, match="rank_pattern given at creation of a model for inference"):
+        model = af.get_peft_model(
+            tiny_llama(), _config(rank_pattern=_start_pattern(probe), inference_mode=True)
+        )
+    assert model.adalora_config.rank_pattern is None
+    assert all(all(p) for p in model.rank_pattern.values())
 
 
 # ---- parameter counts -----------------------------------------------------------------------------------
