@@ -173,7 +173,9 @@ def _backward(ctx, dy: torch.Tensor, _ds: torch.Tensor | None):
 
 
 def _backward_guarded(dy, x, weight, *rest):
-    with device_guard(x):
+    # A backward run inside an autocast region (the CPU runs it on the caller's thread) must not
+    # re-cast the glue ops: the forward's casts were already made.
+    with device_guard(x), torch.autocast(x.device.type, enabled=False):
         return _backward_impl(dy, x, weight, *rest)
 
 
@@ -200,6 +202,29 @@ def _input_grads(ctx, dy: torch.Tensor, backward_fn) -> tuple:
 svd_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- autocast -----------------------------------------------------------------------------------
+_AUTOCAST_LIB = torch.library.Library("adalora_fast", "FRAGMENT")
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _register_autocast(op, n_cast: int) -> None:
+    """``nn.Linear``'s autocast rule for a custom op called under ``torch.autocast``: its first
+    ``n_cast`` inputs (x, W, b) cast to the autocast dtype of the moment, the adapters left as they
+    are (``torch.library.register_autocast`` would cast every floating input to one fixed dtype)."""
+    for device_type, key in _AUTOCAST_KEYS.items():
+
+        def kernel(_keyset, *args, _device_type=device_type):
+            cast = autocast_inputs(torch.get_autocast_dtype(_device_type), *args[:n_cast])
+            with torch.autocast(_device_type, enabled=False):
+                return op(*cast, *args[n_cast:])
+
+        _AUTOCAST_LIB.impl(op._name, kernel, key, with_keyset=True)
+
+
+_register_autocast(svd_linear_fwd, 3)
+_register_autocast(svd_linear_infer, 3)
+
+
 class _SVDLinearFn(torch.autograd.Function):
     """The eager path: the custom ops' kernels and gradients without the custom-op dispatcher
     (default filling, redispatch, dynamo-disable wrappers), which cost more host time per call than
@@ -224,14 +249,17 @@ def unsupported_reason(
     lora_A: torch.Tensor,
 ) -> str | None:
     """Why the fused op cannot run this (well-formed) call, or None: the cases where the PyTorch path
-    must run instead (autocast, a trainable or non-float base weight, mixed dtypes or devices, rank)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled (the fused op computes in the weight's dtype)"
+    must run instead (a trainable or non-float base weight, mixed dtypes or devices, rank). Under
+    ``torch.autocast`` the dtypes are those after :func:`autocast_inputs`' casts."""
     if weight.requires_grad:
         return "the base weight requires grad (the fused op computes no weight gradient)"
-    if x.dtype != weight.dtype:
-        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype} (e.g. under autocast)"
-    if weight.dtype not in SUPPORTED_DTYPES:
+    amp = autocast_dtype(x.device.type)
+    if amp is not None and x.is_floating_point() and weight.is_floating_point():
+        if amp not in SUPPORTED_DTYPES:
+            return f"autocast dtype {amp} (supported: fp32, fp16, bf16)"
+    elif x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
+    elif weight.dtype not in SUPPORTED_DTYPES:
         return f"base dtype {weight.dtype} (supported: fp32, fp16, bf16)"
     if lora_A.dtype not in SUPPORTED_DTYPES:
         return f"adapter dtype {lora_A.dtype} (supported: fp32, fp16, bf16)"
@@ -293,7 +321,39 @@ def svd_linear(
     fan_in_fan_out: bool = False,
     seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused adapted linear for x of any leading shape. ``seed`` defaults to a fresh draw."""
+    """The fused adapted linear for x of any leading shape. ``seed`` defaults to a fresh draw.
+
+    Under ``torch.autocast`` for x's device, ``nn.Linear``'s autocast semantics: x, the base weight
+    and bias are cast to the autocast dtype (the output has it; the GEMM accumulates in fp32), the
+    low-rank factors keep their own dtype (fp32 adapters stay fp32 in the kernels). The kernels and
+    the backward run with autocast off, so no op inside is re-cast."""
+    amp = autocast_dtype(x.device.type)
+    if amp is None:
+        return _svd_linear(
+            x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p, fan_in_fan_out, seed
+        )
+    x, weight, bias = autocast_inputs(amp, x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _svd_linear(
+            x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p, fan_in_fan_out, seed
+        )
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes linears in on ``device_type`` now, or None when it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def autocast_inputs(
+    amp: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x, W and b in ``amp``, as autocast casts ``F.linear``'s floating inputs (no copy when they
+    already have it). Differentiable: x's gradient comes back in its own dtype."""
+    cast = [t if t is None or not t.is_floating_point() else t.to(amp) for t in (x, weight, bias)]
+    return cast[0], cast[1], cast[2]
+
+
+def _svd_linear(x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p, fan_in_fan_out, seed):
     check_inputs(x, weight, bias, lora_A, lora_E, lora_B, fan_in_fan_out)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"svd_linear: dropout_p must be in [0, 1), got {dropout_p}")

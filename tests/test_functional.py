@@ -1,6 +1,7 @@
 """functional.py: the orthogonal regulariser's value and gradients vs the reference in float64 (orthonormal
 zeros, rank-0 layers), its compute ops independent of depth, and svd_linear's torch / triton choice through
-the layer (the fused op matches the torch path; fallbacks and autocast take the torch path, warned once).
+the layer (the fused op matches the torch path, also under autocast; fallbacks take the torch path,
+warned once).
 
 On the CPU the kernels run in Triton's interpreter; on a GPU (``TRITON_INTERPRET=0``) compiled.
 """
@@ -183,16 +184,90 @@ def test_fallbacks_warn_once_and_stay_exact(device):
         layer(x)
 
 
-@pytest.mark.usefixtures("svd_linear_kernels")
+def _autocast_dtypes(device: str) -> list[torch.dtype]:
+    # The interpreter's bf16 tl.dot is wrong: bf16 numerics are checked compiled on a GPU only.
+    return [torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
+
+
+def _count_kernel_calls(monkeypatch, module) -> dict[str, int]:
+    calls = {"x_at": 0, "xw_plus_sb": 0, "xt_s": 0}
+    for name in calls:
+        real = getattr(module, name)
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _autocast_reference(layer: SVDLinear, x: torch.Tensor, amp: torch.dtype, factors=None) -> torch.Tensor:
+    """float64 of nn.Linear's autocast rule: x, W, b rounded to ``amp``; the adapters as they are
+    (``factors``: float64 leaves to take their gradients, else the layer's, detached)."""
+    base = layer.base_layer
+    x64 = x.to(amp).double()  # differentiable: the x-gradient reference
+    w64, b64 = (t.detach().to(amp).double() for t in (base.weight, base.bias))
+    A, E, B = factors or (p.detach().double() for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+    scale = layer.scaling / (layer.ranknum.double() + 1e-5)
+    return x64 @ w64.t() + b64 + scale * ((x64 @ A.t()) * E.t()) @ B.t()
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_autocast_takes_the_torch_path(device):
-    fused, plain = _layer("triton", device), _layer("torch", device)
-    x = torch.randn(5, 40, device=device)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        with pytest.warns(UserWarning, match="autocast"):
-            y = fused(x)
-        y_ref = plain(x)
-    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+def test_autocast_runs_the_fused_kernels(device, svd_linear_kernels, monkeypatch):
+    for amp in _autocast_dtypes(device):
+        fused, plain = _layer("triton", device), _layer("torch", device)
+        calls = _count_kernel_calls(monkeypatch, svd_linear_kernels)
+        x = torch.randn(3, 11, 40, device=device, requires_grad=True)
+        x_plain = x.detach().clone().requires_grad_(True)
+        with torch.autocast(device, dtype=amp):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no fallback warning
+                y = fused(x)
+            y_plain = plain(x_plain)
+        assert calls == {"x_at": 1, "xw_plus_sb": 1, "xt_s": 0}
+        assert y.dtype == y_plain.dtype == amp
+        y64 = _autocast_reference(fused, x, amp)
+        assert max_rel_err(y, y64) <= 2e-3  # the output rounded to amp, fp32 accumulation
+        assert max_rel_err(y, y_plain) <= 4e-3  # the torch path rounds the low-rank product to amp too
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_plain.backward(dy)
+        assert calls == {"x_at": 2, "xw_plus_sb": 2, "xt_s": 2}
+        assert x.grad.dtype == torch.float32 and fused.lora_A.grad.dtype == torch.float32
+        x64 = x.detach().clone().double().requires_grad_(True)
+        factors = [
+            p.detach().double().requires_grad_(True) for p in (fused.lora_A, fused.lora_E, fused.lora_B)
+        ]
+        _autocast_reference(fused, x64, amp, factors).backward(dy.double())
+        assert max_rel_err(x.grad, x64.grad) <= 4e-3  # dy and W in amp
+        for name, p64 in zip(("lora_A", "lora_E", "lora_B"), factors, strict=True):
+            assert max_rel_err(getattr(fused, name).grad, p64.grad) <= 4e-3, name  # x, dy in amp
+        for name in ("lora_A", "lora_E", "lora_B"):
+            assert max_rel_err(getattr(fused, name).grad, getattr(plain, name).grad) <= 1e-2, name
+        assert max_rel_err(x.grad, x_plain.grad) <= 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_rule_of_the_custom_ops(device, svd_linear_kernels):
+    """Called as torch.ops under autocast, the ops cast x, W and b (not the adapters) as nn.Linear."""
+    layer = _layer("torch", device)
+    base = layer.base_layer
+    x = torch.randn(7, 40, device=device, requires_grad=True)
+    adapters = (layer.lora_A, layer.lora_E, layer.lora_B, layer.ranknum)
+    seed = torch.empty(1, dtype=torch.int64, device=device)
+    with torch.autocast(device, dtype=torch.float16):
+        y, s = torch.ops.adalora_fast.svd_linear_fwd(
+            x, base.weight, base.bias, *adapters, seed, 0.0, layer.scaling, False
+        )
+        y_infer = torch.ops.adalora_fast.svd_linear_infer(
+            x, base.weight, base.bias, *adapters, layer.scaling, False
+        )
+    assert y.dtype == y_infer.dtype == torch.float16 and s.dtype == torch.float32
+    y64 = _autocast_reference(layer, x, torch.float16)
+    assert max_rel_err(y, y64) <= 2e-3 and max_rel_err(y_infer, y64) <= 2e-3
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
 
 
 @pytest.mark.usefixtures("svd_linear_kernels")
