@@ -25,7 +25,7 @@ from .config import AdaLoraConfig
 from .factors import FACTORS, check_factor_shapes, expand_pattern
 from .functional import orth_regularization
 from .layer import SVDLinear
-from .peft_api import UNSUPPORTED, PeftModelApi, unsupported_error
+from .peft_api import LOAD_OTHER_ADAPTER, UNSUPPORTED, PeftModelApi, unsupported_error
 from .reference import adapter_scale
 from .saved_modules import (
     bias_names,
@@ -651,6 +651,78 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         alloc.load_state_dict(allocator_state, str(state.path))
         return True
 
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str | None = None,
+        is_trainable: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load a checkpoint of this model's own adapter into it, in place (PEFT's ``load_adapter`` for
+        the adapter this model holds; what transformers' Trainer calls to resume and to restore the
+        best checkpoint): A, E, B into the same parameters (so an optimizer keeps them), the modules
+        to save, trained biases and, for a trainable model, the allocator's scores, masks and flags
+        when the folder has our training state. The folder must hold the adapted modules and ranks
+        this model holds (a checkpoint of this run; other folders load with :meth:`from_pretrained`).
+        Everything is checked before anything is copied. ``subfolder=`` names a folder inside
+        ``model_id``; ``is_trainable`` must agree with the model (a PEFT argument: the model already
+        is trainable or not)."""
+        subfolder = kwargs.pop("subfolder", None)
+        for ignored in ("torch_device", "revision", "autocast_adapter_dtype", "low_cpu_mem_usage"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"load_adapter: unexpected keyword arguments {sorted(kwargs)}")
+        if adapter_name is not None and adapter_name != self.adapter_name:
+            raise ValueError(
+                f"load_adapter: adapter_name={adapter_name!r}: {LOAD_OTHER_ADAPTER} (this model's is "
+                f"{self.adapter_name!r}, loaded in place)"
+            )
+        alloc = self.rank_allocator
+        if is_trainable is not None and bool(is_trainable) != (alloc is not None):
+            raise ValueError(
+                f"load_adapter: is_trainable={is_trainable}, but this model was created "
+                f"{'for training' if alloc is not None else 'for inference'}"
+            )
+        path = Path(model_id) / subfolder if subfolder else Path(model_id)
+        ckpt = read_checkpoint(path, trainable=alloc is not None)
+        layers = dict(self.adapted_layers)
+        factors, held = ckpt.select({n: (m.in_features, m.out_features) for n, m in layers.items()})
+        patterns: dict[str, list[bool]] = {}  # kept ranks of a pruned PEFT adapter, spread back out
+        for name, layer in layers.items():
+            r = factors[name]["lora_A"].shape[0]
+            if r == layer.r and held[name] == layer.held_pattern:
+                continue
+            pattern = held[name]
+            if ckpt.state is None and layer.held_pattern is None and layer.r == layer.init_r and pattern:
+                factors[name] = _spread_ranks(factors[name], pattern)  # masked ranks: zeros
+                patterns[name] = pattern
+                continue
+            raise ValueError(
+                f"{ckpt.source}: module {name!r} holds rank {r}, this model's layer {layer.r} (another "
+                "rank pattern): load_adapter loads a checkpoint of this model's ranks; use "
+                "AdaLoraModel.from_pretrained(base_model, path) for this one"
+            )
+        saved, saved_biases = ckpt.saved_modules(
+            self.saved_module_names, {k: k for k in self.trained_biases}
+        )
+        source = str(peft_format.weights_file(path))
+        check_saved_biases(self.model, {k: k for k in self.trained_biases}, saved_biases, source)
+        check_saved_tensors(self.model, self.saved_module_names, saved, source)
+        state = ckpt.state
+        if state is not None and alloc is not None:
+            check_state(state.allocator_state(), alloc.factor_shapes(), str(state.path))
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for k, t in factors[name].items():
+                    getattr(layer, k).copy_(t)
+            for key, t in saved_biases.items():
+                self.model.get_parameter(key).copy_(t)
+        load_saved_tensors(self.model, saved)
+        if state is not None and alloc is not None:
+            alloc.load_state_dict(state.allocator_state(), str(state.path))
+        elif patterns and alloc is not None:
+            self._start_from_pattern(patterns)  # the checkpoint's pattern, no scores: as PEFT resumes
+
     def export_lora(self, path: str | os.PathLike) -> dict[str, int]:
         """Write the adapter as a standard PEFT LoRA adapter (kept ranks only, rank-0 modules left out,
         alpha per module so that LoRA's alpha / r is AdaLoRA's scale) that
@@ -788,6 +860,19 @@ def get_peft_model(
     if revision is not None:
         config.revision = revision
     return AdaLoraModel(model, config, adapter_name, low_cpu_mem_usage)
+
+
+def _spread_ranks(tensors: dict[str, torch.Tensor], pattern: list[bool]) -> dict[str, torch.Tensor]:
+    """Factors saved at the kept ranks of ``pattern`` placed at those positions of full-rank ones
+    (zeros at the masked ranks)."""
+    idx = torch.tensor([i for i, kept in enumerate(pattern) if kept], dtype=torch.long)
+    full = {}
+    for k, t in tensors.items():
+        shape = list(t.shape)
+        dim = 1 if k == "lora_B" else 0
+        shape[dim] = len(pattern)
+        full[k] = t.new_zeros(shape).index_copy_(dim, idx, t)
+    return full
 
 
 def _warn_fan_in_fan_out(model: nn.Module, config: AdaLoraConfig, names: list[str]) -> None:

@@ -16,14 +16,15 @@ from torch import nn
 
 from .layer import SVDLinear
 
-__all__ = ["UNSUPPORTED", "PeftModelApi", "unsupported_error"]
+__all__ = ["LOAD_OTHER_ADAPTER", "UNSUPPORTED", "PeftModelApi", "unsupported_error"]
 
 _ONE = "an AdaLoraModel holds one adapter"
+# load_adapter exists for that one adapter only (in place); another name gets this answer.
+LOAD_OTHER_ADAPTER = f"{_ONE}; load another adapter with AdaLoraModel.from_pretrained(base_model, path)"
 # Public names of peft.PeftModel, PeftModelForCausalLM/Seq2SeqLM, BaseTuner, LoraModel and PEFT's
 # AdaLoraModel (and of transformers' PeftAdapterMixin, which AdaLoraModel.__getattr__ would otherwise reach
 # on the wrapped model, with misleading errors) that AdaLoraModel does not have -> what to do instead.
 UNSUPPORTED: dict[str, str] = {
-    "load_adapter": f"{_ONE}; load a checkpoint with AdaLoraModel.from_pretrained(base_model, path)",
     "add_adapter": f"{_ONE}; wrap another base model for another adapter",
     "delete_adapter": f"{_ONE}; unload() gives the base model back without it",
     "enable_peft_hotswap": f"{_ONE}; hotswapping adapters is not supported",

@@ -240,3 +240,77 @@ def test_no_labels_no_loss():
     assert out.loss is None
     out_t = model(input_ids=ids, return_dict=False)
     assert torch.equal(out_t[0], out.logits)
+
+
+# ---- load_adapter: a checkpoint of this model's adapter, in place ---------------------------------------
+def _train(model: af.AdaLoraModel, steps: range, seed: int = 1) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step, x in zip(steps, batches(len(steps), seed=seed), strict=True):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+
+
+def _state(model: af.AdaLoraModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_load_adapter_restores_weights_masks_and_scores_into_the_same_parameters(tmp_path):
+    torch.manual_seed(0)
+    cfg = af.AdaLoraConfig(target_modules=LLAMA_PROJ, backend="torch", **TRAINED_SCHEDULE)
+    model = af.get_adalora_model(tiny_llama(2), cfg)
+    _train(model, range(5))  # in the budget phase: scores and masks matter
+    model.save_pretrained(tmp_path)
+    saved, alloc_state = _state(model), copy.deepcopy(model.rank_allocator.state_dict())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    _train(model, range(5, 8), seed=2)
+    assert any(not torch.equal(saved[k], v) for k, v in _state(model).items())
+    model.load_adapter(tmp_path, is_trainable=True)
+    assert {n: p for n, p in model.named_parameters() if p.requires_grad} == params  # same objects
+    for k, v in _state(model).items():
+        assert torch.equal(v, saved[k]), k
+    got = model.rank_allocator.state_dict()
+    assert {k: got[k] for k in ("last_step", "budget", "masked")} == {
+        k: alloc_state[k] for k in ("last_step", "budget", "masked")
+    }
+    for k, v in alloc_state["scores"].items():
+        assert torch.equal(got["scores"][k], v), k
+
+
+def test_load_adapter_refusals_change_nothing(tmp_path):
+    torch.manual_seed(0)
+    cfg = af.AdaLoraConfig(target_modules=LLAMA_PROJ, backend="torch", **TRAINED_SCHEDULE)
+    model = af.get_adalora_model(tiny_llama(2), cfg)
+    _train(model, range(12))
+    model.save_pretrained(tmp_path / "ok")
+    before = _state(model)
+    with pytest.raises(ValueError, match="holds one adapter"):
+        model.load_adapter(tmp_path / "ok", adapter_name="other")
+    with pytest.raises(ValueError, match="is_trainable=False"):
+        model.load_adapter(tmp_path / "ok", is_trainable=False)
+    other = af.get_adalora_model(tiny_llama(2), af.AdaLoraConfig(target_modules=["q_proj"], **TRAINED_SCHEDULE))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="is not an adapted module|no weights for module"):
+        model.load_adapter(tmp_path / "other")
+    compacted = copy.deepcopy(model)
+    compacted.compact()
+    compacted.save_pretrained(tmp_path / "compacted")
+    with pytest.raises(ValueError, match="another rank pattern"):
+        model.load_adapter(tmp_path / "compacted")
+    for k, v in _state(model).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_load_adapter_without_training_state_spreads_the_kept_ranks(tmp_path):
+    torch.manual_seed(0)
+    cfg = af.AdaLoraConfig(target_modules=LLAMA_PROJ, backend="torch", **TRAINED_SCHEDULE)
+    model = af.get_adalora_model(tiny_llama(2), cfg)
+    _train(model, range(12))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "adalora_training_state.safetensors").unlink()  # a PEFT-written folder, say
+    fresh = af.get_adalora_model(tiny_llama(2), copy.deepcopy(cfg))
+    fresh.load_adapter(tmp_path)
+    assert fresh.rank_pattern == model.rank_pattern
+    x = batches(1, seed=7)[0]
+    torch.testing.assert_close(logits(fresh.eval(), x), logits(model.eval(), x), rtol=1e-6, atol=1e-6)

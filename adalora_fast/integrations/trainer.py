@@ -1,4 +1,4 @@
-"""``AdaLoraCallback``: AdaLoRA inside transformers' ``Trainer``.
+"""``AdaLoraCallback``: AdaLoRA inside transformers' ``Trainer`` (and TRL's trainers, its subclasses).
 
 ``Trainer(model=adalora_model, args=TrainingArguments(...), callbacks=[af.AdaLoraCallback()])``:
 
@@ -7,27 +7,113 @@
   validated;
 - after every optimizer step (before ``zero_grad``), ``update_and_allocate(global_step)`` with the
   0-based step, through any wrapper (DDP, accelerate, torch.compile);
-- every checkpoint gets ``adalora/``: our checkpoint of the adapter with its training state (importance
-  EMAs, keep masks, allocator flags), which ``resume_from_checkpoint`` restores, so a resumed run ends
-  with the same rank pattern as an uninterrupted one (Trainer restores the weights, optimizer and RNG);
+- checkpoints hold the adapter, not the frozen base: Trainer writes a model by ``save_pretrained``
+  only for PEFT and transformers models, and otherwise dumps the whole state dict. So the callback,
+  when created, wraps three of ``Trainer``'s model-file methods (once per process; other models go
+  straight through to Trainer's own): ``_save`` (checkpoints and ``save_model``) writes our
+  ``save_pretrained`` (PEFT's adapter files, which ``peft.PeftModel.from_pretrained`` loads, and our
+  training state: full factors, importance EMAs, masks, allocator flags) where Trainer would write
+  ``model.safetensors``; ``_load_from_checkpoint`` (``resume_from_checkpoint``) and
+  ``_load_best_model`` (``load_best_model_at_end``) load them back in place with
+  :meth:`AdaLoraModel.load_adapter` (what Trainer calls on a PEFT model). Trainer saves the
+  optimizer, scheduler, RNG and its JSON beside them as usual, so a resumed run equals an
+  uninterrupted one;
 - logs ``adalora/budget`` (the step's rank budget) and ``adalora/kept_rank`` (total kept rank).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .wrappers import unwrap_model
+from ..checkpoint import peft_format
+from ..checkpoint.training_state import STATE_NAME
+from .wrappers import find_adalora_model, unwrap_model
 
 # Short names for the callback signatures (transformers passes model, optimizer, logs, ... in **kw).
 Args, State, Control = TrainingArguments, TrainerState, TrainerControl
 
-STATE_DIR = "adalora"  # inside each Trainer checkpoint folder
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
+TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name, written beside every saved model
+
+
+# ---- Trainer's model files for an AdaLoraModel -------------------------------------------------
+def _save(original, self: Trainer, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    adalora = find_adalora_model(self.model)
+    if adalora is None:
+        return original(self, output_dir, state_dict)
+    output_dir = output_dir if output_dir is not None else self.args.output_dir
+    if not self.args.should_save:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    adalora.save_pretrained(output_dir, **extra)
+    # The rest of Trainer._save: the tokenizer / processor and the training arguments.
+    if self.processing_class is not None:
+        self.processing_class.save_pretrained(output_dir)
+    elif getattr(self.data_collator, "tokenizer", None) is not None:
+        self.data_collator.tokenizer.save_pretrained(output_dir)
+    torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+    return None
+
+
+def _holds_adapter(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / peft_format.CONFIG_NAME).is_file()
+
+
+def _load_from_checkpoint(original, self: Trainer, resume_from_checkpoint: str, model=None) -> None:
+    adalora = find_adalora_model(self.model if model is None else model)
+    if adalora is None:
+        return original(self, resume_from_checkpoint, model)
+    if _holds_adapter(resume_from_checkpoint):
+        adalora.load_adapter(resume_from_checkpoint)
+    else:
+        original(self, resume_from_checkpoint, model)  # a full state dict: Trainer loads it
+    if adalora.rank_allocator is not None and not (Path(resume_from_checkpoint) / STATE_NAME).is_file():
+        warnings.warn(
+            f"resuming from {resume_from_checkpoint} without AdaLoRA training state (no {STATE_NAME}): "
+            "the importance scores start afresh and the rank pattern will differ from an uninterrupted run",
+            stacklevel=3,
+        )
+    return None
+
+
+def _load_best_model(original, self: Trainer) -> None:
+    adalora = find_adalora_model(self.model)
+    best = self.state.best_model_checkpoint
+    if adalora is None or best is None or not _holds_adapter(best):
+        return original(self)
+    adalora.load_adapter(best)  # weights, and the masks and scores of that step
+    return None
+
+
+def install_trainer_checkpoints() -> None:
+    """Wrap ``Trainer._save``, ``_load_from_checkpoint`` and ``_load_best_model`` (once) so that a
+    Trainer whose model holds an :class:`AdaLoraModel` saves and loads its adapter (see the module
+    docstring); every other model takes Trainer's own code unchanged."""
+    for name, hook in (
+        ("_save", _save),
+        ("_load_from_checkpoint", _load_from_checkpoint),
+        ("_load_best_model", _load_best_model),
+    ):
+        original = getattr(Trainer, name)
+        if not getattr(original, "__adalora_fast__", False):
+            setattr(Trainer, name, _bind(hook, original))
+
+
+def _bind(hook, original):
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        return hook(original, self, *args, **kwargs)
+
+    method.__adalora_fast__ = True  # type: ignore[attr-defined]
+    return method
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -35,6 +121,7 @@ class AdaLoraCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.budget: int | None = None
+        install_trainer_checkpoints()
 
     def on_train_begin(self, args: Args, state: State, control: Control, **kw: Any) -> None:
         model = kw.get("model")
@@ -66,61 +153,12 @@ class AdaLoraCallback(TrainerCallback):
                 stacklevel=2,
             )
         self.budget = None
-        if state.global_step > 0 and adalora.rank_allocator is not None:
-            self._restore(args, state, adalora)
-
-    def _restore(self, args: Args, state: State, adalora: Any) -> None:
-        """Our training state of the checkpoint Trainer resumed from: the one, among
-        ``args.resume_from_checkpoint`` and ``output_dir/checkpoint-<step>``, whose adapter weights are
-        bitwise those Trainer restored (another run's checkpoint of the same step is never taken)."""
-        folders = [Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"]
-        if isinstance(args.resume_from_checkpoint, str):
-            folders.insert(0, Path(args.resume_from_checkpoint))
-        for folder in folders:
-            if adalora.load_training_state(folder / STATE_DIR, only_if_weights_match=True):
-                return
-        looked = ", ".join(str(f / STATE_DIR) for f in folders)
-        warnings.warn(
-            f"resuming at step {state.global_step} without AdaLoRA training state (none matching the "
-            f"restored weights in {looked}): the importance scores start afresh and the rank pattern will "
-            "differ from an uninterrupted run (pass TrainingArguments(resume_from_checkpoint=<folder>) when "
-            "the checkpoint is outside output_dir)",
-            stacklevel=3,
-        )
-
-    def on_train_end(self, args: Args, state: State, control: Control, **kw: Any) -> None:
-        model = kw.get("model")
-        # load_best_model_at_end: Trainer has put the best checkpoint's weights back; its masks and
-        # scores must follow, or save_pretrained would prune with the last step's pattern.
-        best = state.best_model_checkpoint
-        adalora = unwrap_model(model)
-        if args.load_best_model_at_end and best and adalora.rank_allocator is not None:
-            if not adalora.load_training_state(Path(best) / STATE_DIR, only_if_weights_match=True):
-                warnings.warn(
-                    f"load_best_model_at_end: no AdaLoRA training state matching the best weights in {best}: "
-                    "the rank masks are those of the last step",
-                    stacklevel=2,
-                )
 
     def on_optimizer_step(self, args: Args, state: State, control: Control, **kw: Any) -> None:
         model = kw.get("model")
         optimizer = kw.get("optimizer")
         # Called after optimizer.step() and before zero_grad(); global_step is still the 0-based step.
         self.budget = unwrap_model(model).update_and_allocate(state.global_step, optimizer=optimizer)
-
-    def on_save(self, args: Args, state: State, control: Control, **kw: Any) -> None:
-        model = kw.get("model")
-        if not args.should_save:
-            return  # every rank holds the same adapter and scores; Trainer's writers write them
-        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
-        if folder.is_dir():
-            unwrap_model(model).save_pretrained(folder / STATE_DIR)
-        else:
-            warnings.warn(
-                f"AdaLoraCallback: no Trainer checkpoint folder {folder} (hyperparameter search runs save "
-                "elsewhere): the AdaLoRA training state of this checkpoint is not saved",
-                stacklevel=2,
-            )
 
     def on_log(self, args: Args, state: State, control: Control, **kw: Any) -> None:
         model = kw.get("model")

@@ -13,28 +13,44 @@ from ..model import AdaLoraModel
 _WRAPPED_ATTRS = ("module", "_orig_mod")
 
 
-def unwrap_model(model: nn.Module) -> AdaLoraModel:
+def _inner(module: object) -> nn.Module | None:
+    """The module a wrapper holds, or None for a module that wraps nothing."""
+    if not isinstance(module, nn.Module):
+        return None
+    for attr in _WRAPPED_ATTRS:
+        candidate = getattr(module, attr, None)
+        if isinstance(candidate, nn.Module) and candidate is not module:
+            return candidate
+    return None
+
+
+def find_adalora_model(model: object) -> AdaLoraModel | None:
     """The :class:`AdaLoraModel` inside ``model`` (itself, or through DDP, ``torch.compile``,
-    ``DataParallel`` or accelerate wrappers, nested in any order). ``TypeError`` naming the wrapper
-    chain if there is none."""
-    seen = []
-    current = model
-    while True:
-        if isinstance(current, AdaLoraModel):
-            return current
-        seen.append(type(current).__name__)
-        inner = None
-        for attr in _WRAPPED_ATTRS:
-            candidate = getattr(current, attr, None) if isinstance(current, nn.Module) else None
-            if isinstance(candidate, nn.Module) and candidate is not current:
-                inner = candidate
-                break
-        if inner is None:
-            raise TypeError(
-                f"no adalora_fast.AdaLoraModel in {' -> '.join(seen)}: wrap the model with "
-                "adalora_fast.get_adalora_model(model, config) before DDP / torch.compile / accelerate"
-            )
-        current = inner
+    ``DataParallel`` or accelerate wrappers, nested in any order), or None."""
+    current: object | None = model
+    while current is not None and not isinstance(current, AdaLoraModel):
+        current = _inner(current)
+    return current
+
+
+def _wrapper_chain(model: object) -> list[str]:
+    chain, current = [type(model).__name__], _inner(model)
+    while current is not None:
+        chain.append(type(current).__name__)
+        current = _inner(current)
+    return chain
+
+
+def unwrap_model(model: nn.Module) -> AdaLoraModel:
+    """The :class:`AdaLoraModel` inside ``model`` (see :func:`find_adalora_model`). ``TypeError`` naming
+    the wrapper chain if there is none."""
+    found = find_adalora_model(model)
+    if found is None:
+        raise TypeError(
+            f"no adalora_fast.AdaLoraModel in {' -> '.join(_wrapper_chain(model))}: wrap the model with "
+            "adalora_fast.get_adalora_model(model, config) before DDP / torch.compile / accelerate"
+        )
+    return found
 
 
 def update_and_allocate(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> int:
