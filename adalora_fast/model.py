@@ -702,9 +702,7 @@ class AdaLoraModel(PeftModelApi, nn.Module):
                 "rank pattern): load_adapter loads a checkpoint of this model's ranks; use "
                 "AdaLoraModel.from_pretrained(base_model, path) for this one"
             )
-        saved, saved_biases = ckpt.saved_modules(
-            self.saved_module_names, {k: k for k in self.trained_biases}
-        )
+        saved, saved_biases = ckpt.saved_modules(self.saved_module_names, {k: k for k in self.trained_biases})
         source = str(peft_format.weights_file(path))
         check_saved_biases(self.model, {k: k for k in self.trained_biases}, saved_biases, source)
         check_saved_tensors(self.model, self.saved_module_names, saved, source)

@@ -289,7 +289,8 @@ def test_load_adapter_refusals_change_nothing(tmp_path):
         model.load_adapter(tmp_path / "ok", adapter_name="other")
     with pytest.raises(ValueError, match="is_trainable=False"):
         model.load_adapter(tmp_path / "ok", is_trainable=False)
-    other = af.get_adalora_model(tiny_llama(2), af.AdaLoraConfig(target_modules=["q_proj"], **TRAINED_SCHEDULE))
+    q_only = af.AdaLoraConfig(target_modules=["q_proj"], **TRAINED_SCHEDULE)
+    other = af.get_adalora_model(tiny_llama(2), q_only)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="is not an adapted module|no weights for module"):
         model.load_adapter(tmp_path / "other")

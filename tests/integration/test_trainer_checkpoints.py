@@ -115,7 +115,8 @@ def test_save_total_limit_with_load_best_model_at_end(tmp_path):
     for (name, layer), (_, other) in zip(model.adapted_layers, from_best.adapted_layers, strict=True):
         for k in ("lora_A", "lora_E", "lora_B"):
             assert torch.equal(getattr(layer, k), getattr(other, k)), (name, k)
-    assert model.rank_allocator.state_dict()["last_step"] == from_best.rank_allocator.state_dict()["last_step"]
+    steps = [m.rank_allocator.state_dict()["last_step"] for m in (model, from_best)]
+    assert steps[0] == steps[1]
 
 
 def test_save_only_model_checkpoints_hold_the_adapter_only(tmp_path):
