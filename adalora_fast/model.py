@@ -267,11 +267,12 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         return type(self).__name__ + text[len(self._get_name()) :]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """``nn.Module.state_dict``, except that no two tensors share storage: every ``lora_E`` is a view
-        into the allocator's one λ buffer, and tied base weights share theirs, which safetensors
-        (transformers' Trainer checkpoints) refuses to write. Later sharers are copied (λ: r floats per
-        layer; a tied embedding: once more its size, while saving). ``keep_vars=True`` returns the
-        parameters themselves, unchanged."""
+        """``nn.Module.state_dict``, except that no two tensors share storage and none is a view into a
+        larger one: every ``lora_E`` is a view into the allocator's one λ buffer, and tied base weights
+        share theirs, which safetensors refuses (writing: ``save_file`` in Trainer checkpoints;
+        reading: ``load_model``, as accelerate's ``load_state`` does). Such tensors are copied (λ: r
+        floats per layer; a tied embedding: once more its size, while saving). ``keep_vars=True``
+        returns the parameters themselves, unchanged."""
         sd = super().state_dict(*args, **kwargs)
         if kwargs.get("keep_vars", False) or (len(args) >= 3 and args[2]):
             return sd
@@ -279,11 +280,13 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         for key, t in sd.items():
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            storage = (t.device, t.untyped_storage().data_ptr())
-            if storage in seen:
+            storage = t.untyped_storage()
+            where = (t.device, storage.data_ptr())
+            whole = t.data_ptr() == storage.data_ptr() and t.nbytes == storage.nbytes()
+            if where in seen or not whole:
                 sd[key] = t.clone()
             else:
-                seen.add(storage)
+                seen.add(where)
         return sd
 
     # ---- allocation ---------------------------------------------------------------------------
