@@ -5,10 +5,12 @@ modules, adds the regulariser to the loss, drives the rank allocator, and orches
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,7 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         ``low_cpu_mem_usage`` (PEFT: adapters on the meta device, for loading) makes no difference here:
         the adapters are created as usual (they are small)."""
         super().__init__()
+        self.orth_reg_added_by_caller = False  # see regulariser_outside_forward
         if isinstance(config, dict) and set(config) == {adapter_name}:
             config = config[adapter_name]
         config = AdaLoraConfig.coerce(config)
@@ -162,9 +165,7 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         self.saved_module_names = wrap_modules_to_save(model, config.modules_to_save or [], adapter_name)
         for name in self.trained_biases:  # PEFT's bias="all" / "lora_only"
             model.get_parameter(name).requires_grad_(True)
-        bound = _forward_with_signature(self)
-        if bound is not None:
-            self.forward = bound
+        self.reset_forward()
         self.is_trainable = is_trainable
         self.rank_allocator: RankAllocator | None = None
         if is_trainable:
@@ -230,7 +231,7 @@ class AdaLoraModel(PeftModelApi, nn.Module):
             kwargs["labels"] = labels
         outputs = self.model(*args, **kwargs)
         weight = self.adalora_config.orth_reg_weight
-        if weight <= 0:
+        if weight <= 0 or self.orth_reg_added_by_caller:
             return outputs
         loss = getattr(outputs, "loss", None) if not isinstance(outputs, tuple) else None
         if isinstance(loss, torch.Tensor):
@@ -246,6 +247,17 @@ class AdaLoraModel(PeftModelApi, nn.Module):
             outputs = (outputs[0] + weight * self.orth_regularization(), *outputs[1:])
         return outputs
 
+    @contextlib.contextmanager
+    def regulariser_outside_forward(self) -> Iterator[None]:
+        """Within this block ``forward`` does not add ``orth_reg_weight * R`` to the loss: the caller
+        adds it to the loss it optimises (the Trainer integration does, since TRL's trainers compute
+        their loss from the model's outputs, not from its ``loss``)."""
+        previous, self.orth_reg_added_by_caller = self.orth_reg_added_by_caller, True
+        try:
+            yield
+        finally:
+            self.orth_reg_added_by_caller = previous
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("forward", None)  # bound to this instance: re-made on unpickling / deepcopy
@@ -253,6 +265,12 @@ class AdaLoraModel(PeftModelApi, nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.reset_forward()
+
+    def reset_forward(self) -> None:
+        """Make ``forward`` the class's own again, carrying the wrapped model's signature (undoing a
+        replacement, such as the fused LM head TRL's trainers install on the model they are given)."""
+        self.__dict__.pop("forward", None)
         bound = _forward_with_signature(self)
         if bound is not None:
             self.forward = bound

@@ -438,3 +438,21 @@ def trained_with_a_rank0_layer(base):
 def is_untouched(model: nn.Module) -> bool:
     """No module of ``model`` was replaced by an adapter (a refused load left it as it was)."""
     return not any(isinstance(m, SVDLinear) for m in model.modules())
+
+
+# ---- a tokenizer made here (no downloads), for TRL's trainers ------------------------------------------
+def word_tokenizer(vocab: int = 64):
+    """A word-level fast tokenizer over ``<pad> <eos> <unk> w0 ... w{vocab-4}`` (ids 0, 1, 2, 3...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(vocab - 3)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def word_texts(n: int, length: int = 12, vocab: int = 64, seed: int = 0) -> list[str]:
+    """``n`` random sentences of :func:`word_tokenizer`'s words."""
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, vocab - 3, (length,), generator=g)) for _ in range(n)]

@@ -10,7 +10,7 @@
 - checkpoints hold the adapter, not the frozen base: Trainer writes a model by ``save_pretrained``
   only for PEFT and transformers models, and otherwise dumps the whole state dict. So the callback,
   when created, wraps three of ``Trainer``'s model-file methods (once per process; other models go
-  straight through to Trainer's own): ``_save`` (checkpoints and ``save_model``) writes our
+  straight through to Trainer's own code): ``_save`` (checkpoints and ``save_model``) writes our
   ``save_pretrained`` (PEFT's adapter files, which ``peft.PeftModel.from_pretrained`` loads, and our
   training state: full factors, importance EMAs, masks, allocator flags) where Trainer would write
   ``model.safetensors``; ``_load_from_checkpoint`` (``resume_from_checkpoint``) and
@@ -18,14 +18,20 @@
   :meth:`AdaLoraModel.load_adapter` (what Trainer calls on a PEFT model). Trainer saves the
   optimizer, scheduler, RNG and its JSON beside them as usual, so a resumed run equals an
   uninterrupted one;
+- the loss Trainer optimises holds ``orth_reg_weight * R`` also where the model's own ``loss`` is not
+  what is optimised: ``training_step`` and ``prediction_step`` are wrapped too, so that their
+  ``compute_loss`` (Trainer's, TRL's, a subclass's) returns its loss plus the regulariser while the
+  model's forward adds none (TRL's trainers compute their loss from per-token log-probabilities);
 - logs ``adalora/budget`` (the step's rank budget) and ``adalora/kept_rank`` (total kept rank).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from ..checkpoint import peft_format
 from ..checkpoint.training_state import STATE_NAME
+from .trl import redirect_fused_lm_head
 from .wrappers import find_adalora_model, unwrap_model
 
 # Short names for the callback signatures (transformers passes model, optimizer, logs, ... in **kw).
@@ -93,18 +100,61 @@ def _load_best_model(original, self: Trainer) -> None:
     return None
 
 
-def install_trainer_checkpoints() -> None:
-    """Wrap ``Trainer._save``, ``_load_from_checkpoint`` and ``_load_best_model`` (once) so that a
-    Trainer whose model holds an :class:`AdaLoraModel` saves and loads its adapter (see the module
+# ---- the regulariser in the loss Trainer (or a subclass such as TRL's) optimises ----------------
+@contextlib.contextmanager
+def _regulariser_in_compute_loss(trainer: Trainer) -> Iterator[None]:
+    """While Trainer runs a step, its ``compute_loss`` (Trainer's, TRL's, a user's override) returns
+    its loss plus ``orth_reg_weight * R``, and the model's forward adds nothing. TRL's trainers compute
+    their loss from the model's per-token outputs and never read ``outputs.loss``, where the forward
+    would add R; this way every trainer optimises task + weight * R, once per ``compute_loss``."""
+    adalora = find_adalora_model(trainer.model)
+    if adalora is None or adalora.adalora_config.orth_reg_weight <= 0 or "compute_loss" in vars(trainer):
+        yield  # not ours, no regulariser, or already shadowed (a nested call)
+        return
+    compute_loss = trainer.compute_loss
+
+    def with_regulariser(model, inputs, return_outputs=False, **kwargs):
+        with adalora.regulariser_outside_forward():
+            result = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        reg = adalora.adalora_config.orth_reg_weight * adalora.orth_regularization()
+        if return_outputs:
+            loss, outputs = result
+            return loss + reg, outputs
+        return result + reg
+
+    trainer.compute_loss = with_regulariser
+    try:
+        yield
+    finally:
+        del trainer.compute_loss
+
+
+def _training_step(original, self: Trainer, *args, **kwargs):
+    with _regulariser_in_compute_loss(self):
+        return original(self, *args, **kwargs)
+
+
+def _prediction_step(original, self: Trainer, *args, **kwargs):
+    with _regulariser_in_compute_loss(self):
+        return original(self, *args, **kwargs)
+
+
+def install_trainer_hooks() -> None:
+    """Wrap (once) ``Trainer._save``, ``_load_from_checkpoint`` and ``_load_best_model``, so that a
+    Trainer whose model holds an :class:`AdaLoraModel` saves and loads its adapter, and
+    ``training_step`` / ``prediction_step``, so that its loss holds the regulariser (see the module
     docstring); every other model takes Trainer's own code unchanged."""
     for name, hook in (
         ("_save", _save),
         ("_load_from_checkpoint", _load_from_checkpoint),
         ("_load_best_model", _load_best_model),
+        ("training_step", _training_step),
+        ("prediction_step", _prediction_step),
     ):
         original = getattr(Trainer, name)
         if not getattr(original, "__adalora_fast__", False):
             setattr(Trainer, name, _bind(hook, original))
+    redirect_fused_lm_head()  # TRL's trainers: see .trl
 
 
 def _bind(hook, original):
@@ -121,7 +171,7 @@ class AdaLoraCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.budget: int | None = None
-        install_trainer_checkpoints()
+        install_trainer_hooks()
 
     def on_train_begin(self, args: Args, state: State, control: Control, **kw: Any) -> None:
         model = kw.get("model")
