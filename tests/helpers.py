@@ -449,10 +449,12 @@ def word_tokenizer(vocab: int = 64):
     words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(vocab - 3)}}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    special = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
 def word_texts(n: int, length: int = 12, vocab: int = 64, seed: int = 0) -> list[str]:
     """``n`` random sentences of :func:`word_tokenizer`'s words."""
     g = torch.Generator().manual_seed(seed)
-    return [" ".join(f"w{int(i)}" for i in torch.randint(0, vocab - 3, (length,), generator=g)) for _ in range(n)]
+    rows = torch.randint(0, vocab - 3, (n, length), generator=g)
+    return [" ".join(f"w{int(i)}" for i in row) for row in rows]

@@ -25,7 +25,7 @@ def _dataset(n: int = 48, seed: int = 0):
     return datasets.Dataset.from_dict({"text": word_texts(n, seed=seed)})
 
 
-def _config(out, **kw) -> "trl.SFTConfig":
+def _config(out, **kw):
     defaults = dict(max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
                     report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0)  # fmt: skip
     return trl.SFTConfig(output_dir=str(out), **{**defaults, **kw})
@@ -66,7 +66,8 @@ class RecordingSFTTrainer(trl.SFTTrainer):
 def test_sft_trainer_optimises_the_task_loss_plus_the_regulariser_and_prunes(tmp_path):
     model = _ours()
     trainer = RecordingSFTTrainer(model=model, args=_config(tmp_path / "run"), train_dataset=_dataset(),
-                                  processing_class=word_tokenizer(), callbacks=[af.AdaLoraCallback()])  # fmt: skip
+                                  processing_class=word_tokenizer(),
+                                  callbacks=[af.AdaLoraCallback()])  # fmt: skip
     trainer.train()
     weight = model.adalora_config.orth_reg_weight
     assert len(trainer.optimised) == 12 and weight > 0
