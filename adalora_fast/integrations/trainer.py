@@ -40,6 +40,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from ..checkpoint import peft_format
 from ..checkpoint.training_state import STATE_NAME
+from ..model import AdaLoraModel
+from .peft_inplace import PeftAdaLoraDriver, accelerate_peft, find_peft_driver, peft_adalora_tuner
 from .trl import redirect_fused_lm_head
 from .wrappers import find_adalora_model, unwrap_model
 
@@ -50,17 +52,55 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name, written beside every saved model
 
 
-# ---- Trainer's model files for an AdaLoraModel -------------------------------------------------
+# ---- which model Trainer trains ----------------------------------------------------------------
+Driver = Any  # an AdaLoraModel, or the PeftAdaLoraDriver of a PEFT AdaLoRA model (same calls)
+
+
+def _has_callback(trainer: Trainer) -> bool:
+    return any(isinstance(cb, AdaLoraCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def find_driver(model: object, accelerate: bool) -> Driver | None:
+    """The :class:`AdaLoraModel` inside ``model``, or the driver of a PEFT AdaLoRA model inside it
+    (created by :func:`~.peft_inplace.accelerate_peft` when ``accelerate``), or None."""
+    adalora = find_adalora_model(model)
+    if adalora is not None:
+        return adalora
+    driver = find_peft_driver(model)
+    if driver is None and accelerate and peft_adalora_tuner(model) is not None:
+        driver = accelerate_peft(model)
+    return driver
+
+
+def _trainer_driver(trainer: Trainer, model: object | None = None) -> Driver | None:
+    """The driver of the model a Trainer with an :class:`AdaLoraCallback` trains (a PEFT model is
+    accelerated on first sight), or None: Trainer's own code runs."""
+    return find_driver(trainer.model if model is None else model, accelerate=_has_callback(trainer))
+
+
+def require_driver(model: object) -> Driver:
+    driver = find_driver(model, accelerate=True)
+    if driver is None:
+        unwrap_model(model)  # raises the TypeError naming the wrapper chain
+    return driver
+
+
+# ---- Trainer's model files ---------------------------------------------------------------------
 def _save(original, self: Trainer, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-    adalora = find_adalora_model(self.model)
-    if adalora is None:
+    driver = _trainer_driver(self)
+    if isinstance(driver, PeftAdaLoraDriver):  # PEFT's files as PEFT writes them, then our state
+        original(self, output_dir, state_dict)
+        if self.args.should_save:
+            driver.save_training_state(output_dir if output_dir is not None else self.args.output_dir)
+        return None
+    if driver is None:
         return original(self, output_dir, state_dict)
     output_dir = output_dir if output_dir is not None else self.args.output_dir
     if not self.args.should_save:
         return None
     os.makedirs(output_dir, exist_ok=True)
     extra = {} if state_dict is None else {"state_dict": state_dict}
-    adalora.save_pretrained(output_dir, **extra)
+    driver.save_pretrained(output_dir, **extra)
     # The rest of Trainer._save: the tokenizer / processor and the training arguments.
     if self.processing_class is not None:
         self.processing_class.save_pretrained(output_dir)
@@ -74,15 +114,24 @@ def _holds_adapter(folder: str | os.PathLike) -> bool:
     return (Path(folder) / peft_format.CONFIG_NAME).is_file()
 
 
+def _load_adapter(driver: Driver, folder: str) -> bool:
+    """Load ``folder`` into the trained model in place; False where Trainer's own code must (a full
+    state dict of ours; a PEFT checkpoint without our training state, which PEFT's loader resizes)."""
+    if isinstance(driver, PeftAdaLoraDriver):
+        return driver.load_training_state(folder)
+    if not _holds_adapter(folder):
+        return False
+    driver.load_adapter(folder)
+    return True
+
+
 def _load_from_checkpoint(original, self: Trainer, resume_from_checkpoint: str, model=None) -> None:
-    adalora = find_adalora_model(self.model if model is None else model)
-    if adalora is None:
+    driver = _trainer_driver(self, model)
+    if driver is None:
         return original(self, resume_from_checkpoint, model)
-    if _holds_adapter(resume_from_checkpoint):
-        adalora.load_adapter(resume_from_checkpoint)
-    else:
-        original(self, resume_from_checkpoint, model)  # a full state dict: Trainer loads it
-    if adalora.rank_allocator is not None and not (Path(resume_from_checkpoint) / STATE_NAME).is_file():
+    if not _load_adapter(driver, resume_from_checkpoint):
+        original(self, resume_from_checkpoint, model)
+    if not (Path(resume_from_checkpoint) / STATE_NAME).is_file():
         warnings.warn(
             f"resuming from {resume_from_checkpoint} without AdaLoRA training state (no {STATE_NAME}): "
             "the importance scores start afresh and the rank pattern will differ from an uninterrupted run",
@@ -92,12 +141,11 @@ def _load_from_checkpoint(original, self: Trainer, resume_from_checkpoint: str, 
 
 
 def _load_best_model(original, self: Trainer) -> None:
-    adalora = find_adalora_model(self.model)
+    driver = _trainer_driver(self)
     best = self.state.best_model_checkpoint
-    if adalora is None or best is None or not _holds_adapter(best):
+    if driver is None or best is None or not _load_adapter(driver, best):
         return original(self)
-    adalora.load_adapter(best)  # weights, and the masks and scores of that step
-    return None
+    return None  # weights, and the masks and scores of that step
 
 
 # ---- the regulariser in the loss Trainer (or a subclass such as TRL's) optimises ----------------
@@ -107,7 +155,7 @@ def _regulariser_in_compute_loss(trainer: Trainer) -> Iterator[None]:
     its loss plus ``orth_reg_weight * R``, and the model's forward adds nothing. TRL's trainers compute
     their loss from the model's per-token outputs and never read ``outputs.loss``, where the forward
     would add R; this way every trainer optimises task + weight * R, once per ``compute_loss``."""
-    adalora = find_adalora_model(trainer.model)
+    adalora = _trainer_driver(trainer)
     if adalora is None or adalora.adalora_config.orth_reg_weight <= 0 or "compute_loss" in vars(trainer):
         yield  # not ours, no regulariser, or already shadowed (a nested call)
         return
@@ -167,7 +215,9 @@ def _bind(hook, original):
 
 
 class AdaLoraCallback(TrainerCallback):
-    """Drives an :class:`~adalora_fast.AdaLoraModel`'s allocator from transformers' ``Trainer``."""
+    """Drives the allocator of an :class:`~adalora_fast.AdaLoraModel`, or of a PEFT AdaLoRA model
+    (accelerated in place by :func:`~adalora_fast.accelerate_peft` on first sight), from transformers'
+    ``Trainer`` and its subclasses (TRL's)."""
 
     def __init__(self) -> None:
         self.budget: int | None = None
@@ -175,7 +225,7 @@ class AdaLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args: Args, state: State, control: Control, **kw: Any) -> None:
         model = kw.get("model")
-        adalora = unwrap_model(model)
+        adalora = require_driver(model)
         config = adalora.adalora_config
         planned = state.max_steps
         if config.total_step is None:
@@ -196,7 +246,8 @@ class AdaLoraCallback(TrainerCallback):
         from transformers.utils.generic import find_labels
 
         wanted = find_labels(type(base))
-        if args.label_names is None and wanted and wanted != ["labels"]:
+        ours = isinstance(adalora, AdaLoraModel)  # a PEFT model names its labels itself
+        if ours and args.label_names is None and wanted and wanted != ["labels"]:
             warnings.warn(
                 f"{type(base).__name__} takes the labels {wanted}, but Trainer reads 'labels' from the "
                 f"AdaLoraModel wrapper: set TrainingArguments(label_names={wanted}) for evaluation losses",
@@ -208,14 +259,14 @@ class AdaLoraCallback(TrainerCallback):
         model = kw.get("model")
         optimizer = kw.get("optimizer")
         # Called after optimizer.step() and before zero_grad(); global_step is still the 0-based step.
-        self.budget = unwrap_model(model).update_and_allocate(state.global_step, optimizer=optimizer)
+        self.budget = require_driver(model).update_and_allocate(state.global_step, optimizer=optimizer)
 
     def on_log(self, args: Args, state: State, control: Control, **kw: Any) -> None:
         model = kw.get("model")
         logs = kw.get("logs")
         if logs is None or model is None or self.budget is None:
             return
-        extra = {"adalora/budget": self.budget, "adalora/kept_rank": unwrap_model(model).total_kept_rank()}
+        extra = {"adalora/budget": self.budget, "adalora/kept_rank": require_driver(model).total_kept_rank()}
         logs.update(extra)
         # Trainer appended its copy of these logs to the history just before calling us.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

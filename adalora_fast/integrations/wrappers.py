@@ -13,8 +13,9 @@ from ..model import AdaLoraModel
 _WRAPPED_ATTRS = ("module", "_orig_mod")
 
 
-def _inner(module: object) -> nn.Module | None:
-    """The module a wrapper holds, or None for a module that wraps nothing."""
+def wrapped_module(module: object) -> nn.Module | None:
+    """The module a wrapper (DDP, ``torch.compile``, accelerate, ...) holds, or None for a module that
+    wraps nothing."""
     if not isinstance(module, nn.Module):
         return None
     for attr in _WRAPPED_ATTRS:
@@ -29,15 +30,15 @@ def find_adalora_model(model: object) -> AdaLoraModel | None:
     ``DataParallel`` or accelerate wrappers, nested in any order), or None."""
     current: object | None = model
     while current is not None and not isinstance(current, AdaLoraModel):
-        current = _inner(current)
+        current = wrapped_module(current)
     return current
 
 
 def _wrapper_chain(model: object) -> list[str]:
-    chain, current = [type(model).__name__], _inner(model)
+    chain, current = [type(model).__name__], wrapped_module(model)
     while current is not None:
         chain.append(type(current).__name__)
-        current = _inner(current)
+        current = wrapped_module(current)
     return chain
 
 
