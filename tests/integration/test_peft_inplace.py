@@ -13,11 +13,14 @@ import torch
 
 import adalora_fast as af
 from adalora_fast.integrations.peft_inplace import find_peft_driver
-from tests.helpers import LLAMA_PROJ, batches, peft_adalora, tiny_gpt2, tiny_llama
+from tests.helpers import LLAMA_PROJ, batches, peft_adalora, peft_pattern, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
-SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=14, lora_dropout=0.0)
+# CAUSAL_LM: PeftModelForCausalLM runs the tuner's forward, which adds the regulariser (a PEFT model
+# without a task type calls the transformers model directly and never adds it).
+SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=14, lora_dropout=0.0,
+                task_type="CAUSAL_LM")  # fmt: skip
 
 
 def _pair(base=None, targets=LLAMA_PROJ, **cfg):
@@ -140,3 +143,40 @@ def test_refusals():
     pm.merge_adapter()
     with pytest.raises(ValueError, match="is merged"):
         af.accelerate_peft(pm)
+
+
+# ---- transformers' Trainer with a PEFT AdaLoRA model and af.AdaLoraCallback ------------------------------
+def _trainer_run(model, out, callback, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    from tests.integration.test_trainer import TokenDataset
+
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2,
+                             use_cpu=True, seed=0, report_to="none", max_steps=14, logging_steps=1,
+                             **{"save_strategy": "no", **kw})  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=TokenDataset(56), callbacks=[callback])
+
+
+def test_trainer_with_a_peft_model_matches_peft_and_resumes_exactly(tmp_path):
+    from tests.integration.test_trainer_checkpoints import PeftAllocation
+
+    plain, fast, _ = _pair()
+    reference = _trainer_run(plain, tmp_path / "peft", PeftAllocation())  # PEFT's own recipe
+    reference.train()
+    saving = dict(save_strategy="steps", save_steps=5)
+    trainer = _trainer_run(fast, tmp_path / "fast", af.AdaLoraCallback(), **saving)
+    trainer.train()
+    assert find_peft_driver(fast) is not None  # accelerated by the callback
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (reference, trainer)]
+    assert len(losses[1]) == 14 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert peft_pattern(fast) == peft_pattern(plain)  # (PEFT's save rewrites its keys in place)
+    _same_weights(fast, plain)
+    assert (tmp_path / "fast" / "checkpoint-5" / "adalora_training_state.safetensors").is_file()
+
+    resumed = _pair()[1]  # the same initial adapters (peft_adalora seeds them)
+    again = _trainer_run(resumed, tmp_path / "again", af.AdaLoraCallback(), **saving)
+    again.train(resume_from_checkpoint=str(tmp_path / "fast" / "checkpoint-5"))  # in the budget phase
+    assert peft_pattern(resumed) == peft_pattern(fast)
+    sf, sr = fast.state_dict(), resumed.state_dict()
+    for key in sf:
+        assert torch.equal(sf[key], sr[key]), key
