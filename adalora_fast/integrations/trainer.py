@@ -43,7 +43,7 @@ from ..checkpoint.training_state import STATE_NAME
 from ..model import AdaLoraModel
 from .peft_inplace import PeftAdaLoraDriver, accelerate_peft, find_peft_driver, peft_adalora_tuner
 from .trl import redirect_fused_lm_head
-from .wrappers import find_adalora_model, unwrap_model
+from .wrappers import find_adalora_model, wrapper_chain
 
 # Short names for the callback signatures (transformers passes model, optimizer, logs, ... in **kw).
 Args, State, Control = TrainingArguments, TrainerState, TrainerControl
@@ -79,9 +79,14 @@ def _trainer_driver(trainer: Trainer, model: object | None = None) -> Driver | N
 
 
 def require_driver(model: object) -> Driver:
+    """:func:`find_driver` (accelerating a PEFT AdaLoRA model), or a ``TypeError`` naming what was found."""
     driver = find_driver(model, accelerate=True)
     if driver is None:
-        unwrap_model(model)  # raises the TypeError naming the wrapper chain
+        raise TypeError(
+            f"AdaLoraCallback needs an adalora_fast.AdaLoraModel or a PEFT AdaLoRA model; found "
+            f"{' -> '.join(wrapper_chain(model))} (wrap the model with adalora_fast.get_adalora_model(model, "
+            "config), or peft.get_peft_model(model, peft.AdaLoraConfig(...)), before DDP / torch.compile)"
+        )
     return driver
 
 

@@ -39,7 +39,10 @@ def redirect_fused_lm_head() -> None:
     imported that holds it (they import the name); nothing when TRL is not installed."""
     if importlib.util.find_spec("trl") is None:
         return
-    import trl.trainer.utils as utils
+    try:
+        import trl.trainer.utils as utils
+    except ImportError:  # a TRL that does not import here cannot be the trainer in use
+        return
 
     original = getattr(utils, _NAME, None)
     if original is None:

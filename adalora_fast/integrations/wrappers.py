@@ -34,7 +34,8 @@ def find_adalora_model(model: object) -> AdaLoraModel | None:
     return current
 
 
-def _wrapper_chain(model: object) -> list[str]:
+def wrapper_chain(model: object) -> list[str]:
+    """The class names of ``model`` and of the modules its wrappers hold, outermost first."""
     chain, current = [type(model).__name__], wrapped_module(model)
     while current is not None:
         chain.append(type(current).__name__)
@@ -48,7 +49,7 @@ def unwrap_model(model: nn.Module) -> AdaLoraModel:
     found = find_adalora_model(model)
     if found is None:
         raise TypeError(
-            f"no adalora_fast.AdaLoraModel in {' -> '.join(_wrapper_chain(model))}: wrap the model with "
+            f"no adalora_fast.AdaLoraModel in {' -> '.join(wrapper_chain(model))}: wrap the model with "
             "adalora_fast.get_adalora_model(model, config) before DDP / torch.compile / accelerate"
         )
     return found

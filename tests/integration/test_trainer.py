@@ -208,3 +208,12 @@ def test_callback_inserted_first_feeds_the_logging_integrations(tmp_path):
     trainer.train()
     steps = [logs for logs in Recorder.seen if "loss" in logs]
     assert len(steps) == 4 and all("adalora/budget" in logs for logs in steps)
+
+
+def test_callback_with_a_model_it_cannot_drive_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(model=tiny_llama(2).train(), args=_args(tmp_path, max_steps=2, save_strategy="no"),
+                      train_dataset=TokenDataset(8), callbacks=[af.AdaLoraCallback()])  # fmt: skip
+    with pytest.raises(TypeError, match="needs an adalora_fast.AdaLoraModel or a PEFT AdaLoRA model; found "
+                       "LlamaForCausalLM"):  # fmt: skip
+        trainer.train()
