@@ -88,7 +88,12 @@ def svd_linear(
     xa = x.to(lora_A.dtype)
     if dropout_p > 0.0:
         xa = F.dropout(xa, dropout_p, training=True)
-    result += svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum)
+    update = svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum)
+    if not weight.is_floating_point():
+        # A quantised base (bitsandbytes) may return a view its custom Function made: add out of place
+        # (PEFT's quantised layers do too), in the base output's dtype.
+        return result + update.to(result.dtype)
+    result += update
     return result
 
 

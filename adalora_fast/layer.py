@@ -15,6 +15,7 @@ from torch import nn
 
 from . import functional
 from .factors import RANK_DIMS, expand_pattern, scale_numerator
+from .quantized import dequantize, int8_scales, quantization, requantize_
 from .reference import delta_weight
 from .targets import base_features
 
@@ -158,6 +159,10 @@ class SVDLinear(nn.Module):
         if self.merged:
             warnings.warn("SVDLinear.merge: already merged; nothing done", stacklevel=2)
             return
+        if quantization(self.base_layer) is not None:
+            self._merge_quantized(+1.0, keep=exact_unmerge)
+            self.merged = True
+            return
         weight = self.base_layer.weight
         if exact_unmerge:
             self.register_buffer("unmerged_weight", weight.detach().clone(), persistent=False)
@@ -170,10 +175,33 @@ class SVDLinear(nn.Module):
         if not self.merged:
             warnings.warn("SVDLinear.unmerge: not merged; nothing done", stacklevel=2)
             return
+        if quantization(self.base_layer) is not None:
+            self._merge_quantized(-1.0, keep=False)
+            self.merged = False
+            return
         weight = self.base_layer.weight
         saved = self._buffers.pop("unmerged_weight", None)
         weight.copy_(saved if saved is not None else self._merge_sum(weight, -1.0))
         self.merged = False
+
+    def _merge_quantized(self, sign: float, keep: bool) -> None:
+        """Merge (+1) or unmerge (-1) on a bitsandbytes base, as PEFT's LoRA does there: dequantise,
+        add ``sign * dW`` in fp32, quantise again (see :mod:`adalora_fast.quantized` for the rounding).
+        Merging with ``keep`` holds on to the original quantised weight (its packed size), which
+        unmerging puts back bit for bit."""
+        base = self.base_layer
+        saved = self.__dict__.pop("_unmerged_quantized", None)  # a plain attribute: not a parameter
+        if sign < 0 and saved is not None:
+            base.weight, scales = saved
+            if scales is not None:  # int8: bitsandbytes keeps the row scales in the layer's state
+                base.state.reset_grads()
+                base.state.SCB, base.state.CB = scales, base.weight.data
+            return
+        original, scales = base.weight, int8_scales(base)
+        w = dequantize(base) + sign * self.get_delta_weight().to(device=original.device, dtype=torch.float32)
+        requantize_(base, w)
+        if keep and sign > 0:
+            self.__dict__["_unmerged_quantized"] = (original, scales)
 
     def _merge_sum(self, weight: torch.Tensor, sign: float) -> torch.Tensor:
         delta = self.get_delta_weight()

@@ -253,6 +253,11 @@ def unsupported_reason(
     ``torch.autocast`` the dtypes are those after :func:`autocast_inputs`' casts."""
     if weight.requires_grad:
         return "the base weight requires grad (the fused op computes no weight gradient)"
+    if not weight.is_floating_point():
+        return (
+            f"the base weight is quantised ({type(weight).__name__}, {weight.dtype}): the fused op needs a "
+            "floating-point base; the base layer's own kernels run it"
+        )
     amp = autocast_dtype(x.device.type)
     if amp is not None and x.is_floating_point() and weight.is_floating_point():
         if amp not in SUPPORTED_DTYPES:

@@ -1,0 +1,196 @@
+"""AdaLoRA on bitsandbytes 4-bit (nf4; fp4 with double quantisation) and 8-bit bases, on the CPU.
+
+Side by side with PEFT's SVDLinear4bit / SVDLinear8bitLt from PEFT's checkpoint: equal per-step losses and
+identical masks; each loads the other's checkpoint with equal logits; resume through our checkpoint
+continues exactly; the LoRA export loads in PEFT. Merging: dequantise, add dW in fp32, quantise again
+(the merged weight is exactly that; within one quantisation step of W + dW); unmerge restores the
+packed weight bit for bit; merge_and_unload keeps bitsandbytes layers. The fused op's fallback names the
+quantised base."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import adalora_fast as af
+from adalora_fast import backend
+from adalora_fast.quantized import NF4_MAX_HALF_GAP, dequantize
+from tests.helpers import LLAMA_PROJ, batches, tiny_llama, train_side_by_side
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=12)
+KINDS = ["nf4", "fp4-dq", "int8"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    tiny_llama(2).save_pretrained(folder)
+    return folder
+
+
+def quantized(folder, kind: str):
+    cfg = transformers.BitsAndBytesConfig
+    q = {
+        "nf4": cfg(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+        "fp4-dq": cfg(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="fp4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=True,
+        ),  # fmt: skip
+        "int8": cfg(load_in_8bit=True),
+    }[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=q, device_map="cpu"
+        )
+
+
+def _peft_model(folder, kind, tmp_path):
+    torch.manual_seed(1)
+    cfg = peft.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=LLAMA_PROJ, lora_alpha=8, lora_dropout=0.0,
+                             **SCHEDULE)  # fmt: skip
+    pm = peft.get_peft_model(quantized(folder, kind), cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_E" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "peft-init")
+    return pm
+
+
+def _optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_matches_peft_and_checkpoints_cross_load(base_dir, kind, tmp_path):
+    pm = _peft_model(base_dir, kind, tmp_path)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == ("SVDLinear8bitLt" if kind == "int8" else "SVDLinear4bit")
+    ours = af.AdaLoraModel.from_pretrained(
+        quantized(base_dir, kind), tmp_path / "peft-init", is_trainable=True
+    )
+    pm.train()
+    ours.train()
+    data = batches(SCHEDULE["total_step"])
+    assert train_side_by_side(pm, ours, _optimizer(pm), _optimizer(ours), data, range(len(data))) > 0
+    assert sum(ours.kept_ranks().values()) == SCHEDULE["target_r"] * len(ours.adapted_names)
+
+    x = batches(1, seed=3)[0]
+    pm.eval()
+    ours.eval()
+    ours.save_pretrained(tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    theirs_from_ours = peft.PeftModel.from_pretrained(
+        quantized(base_dir, kind), str(tmp_path / "ours")
+    ).eval()
+    ours_from_theirs = af.AdaLoraModel.from_pretrained(quantized(base_dir, kind), tmp_path / "peft")
+    expected = _logits(pm, x)
+    torch.testing.assert_close(_logits(ours, x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(theirs_from_ours, x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(ours_from_theirs, x), expected, rtol=1e-5, atol=1e-5)
+
+    ours.export_lora(tmp_path / "lora")
+    lora = peft.PeftModel.from_pretrained(quantized(base_dir, kind), str(tmp_path / "lora")).eval()
+    torch.testing.assert_close(_logits(lora, x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_resume_continues_exactly(base_dir, kind, tmp_path):
+    torch.manual_seed(0)
+    cfg = af.AdaLoraConfig(target_modules=LLAMA_PROJ, lora_dropout=0.0, **SCHEDULE)
+    whole = af.get_adalora_model(quantized(base_dir, kind), cfg)
+    data = batches(SCHEDULE["total_step"], seed=4)
+
+    def train(model, opt, steps):
+        for step in steps:
+            model(input_ids=data[step], labels=data[step]).loss.backward()
+            opt.step()
+            model.update_and_allocate(step)
+            opt.zero_grad()
+
+    opt = _optimizer(whole)
+    train(whole, opt, range(5))  # into the budget phase
+    whole.save_pretrained(tmp_path / "ckpt")
+    opt_state = copy.deepcopy(opt.state_dict())
+    train(whole, opt, range(5, 12))
+
+    resumed = af.AdaLoraModel.from_pretrained(quantized(base_dir, kind), tmp_path / "ckpt", is_trainable=True)
+    opt2 = _optimizer(resumed)
+    opt2.load_state_dict(opt_state)
+    train(resumed, opt2, range(5, 12))
+    assert resumed.rank_pattern == whole.rank_pattern
+    for (name, a), (_, b) in zip(resumed.adapted_layers, whole.adapted_layers, strict=True):
+        for k in ("lora_A", "lora_E", "lora_B"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), (name, k)
+
+
+def _requantized(layer) -> torch.Tensor:
+    """W + dW quantised again by bitsandbytes, independently of the layer's merge."""
+    probe = copy.deepcopy(layer.base_layer)
+    from adalora_fast.quantized import requantize_
+
+    requantize_(probe, dequantize(probe) + layer.get_delta_weight().float())
+    return dequantize(probe)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_on_quantized_bases(base_dir, kind):
+    torch.manual_seed(0)
+    model = af.get_adalora_model(
+        quantized(base_dir, kind), af.AdaLoraConfig(target_modules=LLAMA_PROJ, **SCHEDULE)
+    )
+    with torch.no_grad():
+        for _, layer in model.adapted_layers:
+            layer.lora_E.normal_()
+    model.eval()
+    x = batches(1, seed=5)[0]
+    unmerged = _logits(model, x)
+    packed = {n: layer.base_layer.weight.data.clone() for n, layer in model.adapted_layers}
+    exact = {
+        n: dequantize(layer.base_layer) + layer.get_delta_weight().float()
+        for n, layer in model.adapted_layers
+    }
+    expected = {n: _requantized(layer) for n, layer in model.adapted_layers}
+    model.merge()
+    for name, layer in model.adapted_layers:
+        got = dequantize(layer.base_layer)
+        assert torch.equal(got, expected[name]), name  # the documented procedure, exactly
+        err = (got - exact[name]).abs()
+        if kind == "nf4":  # one nf4 step per block of 64: half the widest code gap x the block absmax
+            blocks = exact[name].reshape(-1, 64).abs().amax(1, keepdim=True)
+            assert (err.reshape(-1, 64) <= NF4_MAX_HALF_GAP * blocks * (1 + 1e-6)).all(), name
+        elif kind == "int8":  # half of absmax(row) / 127, plus fp16 rounding of the input to quantise
+            rows = exact[name].abs().amax(1, keepdim=True)
+            assert (err <= rows / 127 * 0.5 + rows * 2**-10).all(), name
+    merged = _logits(model, x)  # re-quantised: its distance from `unmerged` is bounded weight by weight above
+    model.unmerge()
+    for name, layer in model.adapted_layers:
+        assert torch.equal(layer.base_layer.weight.data, packed[name]), name
+    torch.testing.assert_close(_logits(model, x), unmerged)
+    plain = model.merge_and_unload()
+    assert type(plain.model.layers[0].self_attn.q_proj).__name__ in ("Linear4bit", "Linear8bitLt")
+    torch.testing.assert_close(_logits(plain, x), merged)
+
+
+def test_fused_op_falls_back_naming_the_quantised_base(base_dir):
+    backend.reset_warnings()
+    cfg = af.AdaLoraConfig(target_modules=["q_proj"], backend="triton", **SCHEDULE)
+    model = af.get_adalora_model(quantized(base_dir, "nf4"), cfg)
+    x = batches(1, seed=6)[0]
+    with pytest.warns(UserWarning, match=r"base weight is quantised \(Params4bit, torch.uint8\)"):
+        model(input_ids=x, labels=x)
