@@ -109,6 +109,10 @@ class AdaLoraModel(PeftModelApi, nn.Module):
     ``peft.PeftModel`` and its tuner (``base_model`` is the model itself): see :mod:`adalora_fast.peft_api`.
     """
 
+    # transformers' flag for "trainable adapters are attached": its Trainer refuses to fine-tune a
+    # quantised model without them (validate_quantization_for_training) and reads it here.
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -194,3 +194,26 @@ def test_fused_op_falls_back_naming_the_quantised_base(base_dir):
     x = batches(1, seed=6)[0]
     with pytest.warns(UserWarning, match=r"base weight is quantised \(Params4bit, torch.uint8\)"):
         model(input_ids=x, labels=x)
+
+
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_qlora_recipe_with_trainer(base_dir, tmp_path, optim):
+    from transformers import Trainer, TrainingArguments
+
+    from tests.integration.test_trainer import TokenDataset
+
+    base = peft.prepare_model_for_kbit_training(quantized(base_dir, "nf4"), use_gradient_checkpointing=True)
+    cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=LLAMA_PROJ)
+    model = af.get_adalora_model(base, cfg)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                             use_cpu=True, report_to="none", optim=optim, gradient_checkpointing=True, save_steps=4,
+                             learning_rate=1e-2, logging_steps=1)  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=TokenDataset(32), callbacks=[af.AdaLoraCallback()]
+    )
+    trainer.train()
+    assert model.total_kept_rank() == 2 * len(model.adapted_names)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    saved = {f.name for f in (tmp_path / "checkpoint-8").iterdir()}
+    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
