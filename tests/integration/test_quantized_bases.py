@@ -206,8 +206,8 @@ def test_qlora_recipe_with_trainer(base_dir, tmp_path, optim):
     cfg = af.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, target_modules=LLAMA_PROJ)
     model = af.get_adalora_model(base, cfg)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-                             use_cpu=True, report_to="none", optim=optim, gradient_checkpointing=True, save_steps=4,
-                             learning_rate=1e-2, logging_steps=1)  # fmt: skip
+                             use_cpu=True, report_to="none", optim=optim, gradient_checkpointing=True,
+                             save_steps=4, learning_rate=1e-2, logging_steps=1)  # fmt: skip
     trainer = Trainer(
         model=model, args=args, train_dataset=TokenDataset(32), callbacks=[af.AdaLoraCallback()]
     )
