@@ -159,6 +159,9 @@ class SVDLinear(nn.Module):
         if self.merged:
             warnings.warn("SVDLinear.merge: already merged; nothing done", stacklevel=2)
             return
+        refusal = self.merge_refusal()
+        if refusal is not None:
+            raise TypeError(f"SVDLinear.merge: {refusal}")
         if quantization(self.base_layer) is not None:
             self._merge_quantized(+1.0, keep=exact_unmerge)
             self.merged = True
@@ -183,6 +186,26 @@ class SVDLinear(nn.Module):
         saved = self._buffers.pop("unmerged_weight", None)
         weight.copy_(saved if saved is not None else self._merge_sum(weight, -1.0))
         self.merged = False
+
+    def merge_refusal(self) -> str | None:
+        """Why :meth:`merge` cannot fold the update into this base weight, or None: a tensor-subclass
+        weight other than bitsandbytes' (torchao's ``NF4Tensor``, say) has no add-and-requantise here."""
+        weight = self.base_layer.weight
+        if quantization(self.base_layer) is None and type(weight) not in (torch.Tensor, nn.Parameter):
+            return (
+                f"the base weight is a {type(weight).__name__} (a tensor subclass: torchao's NF4Tensor, "
+                "say), which merging does not support; keep the adapter unmerged, or load the base in "
+                "full precision or with bitsandbytes to merge"
+            )
+        return None
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W + dW`` as :meth:`merge` would compute it before any re-quantisation or cast: fp32 for a
+        quantised base (dequantised first), else summed as :meth:`merge` sums and cast to W's dtype."""
+        if quantization(self.base_layer) is not None:
+            dw = self.get_delta_weight().float()
+            return dequantize(self.base_layer) + dw.to(self.base_layer.weight.device)
+        return self._merge_sum(self.base_layer.weight, +1.0)
 
     def _merge_quantized(self, sign: float, keep: bool) -> None:
         """Merge (+1) or unmerge (-1) on a bitsandbytes base, as PEFT's LoRA does there: dequantise,

@@ -302,9 +302,12 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         for key, t in sd.items():
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            storage = t.untyped_storage()
-            where = (t.device, storage.data_ptr())
-            whole = t.data_ptr() == storage.data_ptr() and t.nbytes == storage.nbytes()
+            try:
+                storage = t.untyped_storage()
+                where = (t.device, storage.data_ptr())
+                whole = t.data_ptr() == storage.data_ptr() and t.nbytes == storage.nbytes()
+            except RuntimeError:  # a wrapper tensor subclass (torchao's NF4Tensor): no storage of its own
+                continue
             if where in seen or not whole:
                 sd[key] = t.clone()
             else:
@@ -769,6 +772,7 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         model's adapted weights once more in memory) so that :meth:`unmerge` restores them bit for
         bit; ``False`` keeps nothing (unmerge then subtracts the update, exact to the weights'
         rounding). Already merged layers are left alone."""
+        self._check_mergeable()
         for _, layer in self.adapted_layers:
             if not layer.merged:
                 layer.merge(exact_unmerge=exact_unmerge)
@@ -819,6 +823,8 @@ class AdaLoraModel(PeftModelApi, nn.Module):
     @torch.no_grad()
     def _unload(self, merge: bool, progressbar: bool) -> nn.Module:
         desc = "Unloading " + ("and merging " if merge else "") + "model"
+        if merge:
+            self._check_mergeable()
         for name, layer in tqdm(self.adapted_layers, disable=not progressbar, desc=desc):
             if merge and not layer.merged:
                 layer.merge(exact_unmerge=False)
@@ -831,11 +837,19 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         return self.model
 
     @torch.no_grad()
-    def _check_finite_merge(self) -> None:
-        """``ValueError`` unless every unmerged layer's merged weight (as ``merge`` computes it, cast to
-        the weight's dtype) is finite; nothing changes."""
+    def _check_mergeable(self) -> None:
+        """``TypeError`` naming the first layer whose base weight cannot be merged into; nothing changes."""
         for name, layer in self.adapted_layers:
-            if not layer.merged and not torch.isfinite(layer._merge_sum(layer.base_layer.weight, 1.0)).all():
+            refusal = None if layer.merged else layer.merge_refusal()
+            if refusal is not None:
+                raise TypeError(f"cannot merge {name!r}: {refusal}; nothing was merged")
+
+    def _check_finite_merge(self) -> None:
+        """``ValueError`` unless every unmerged layer's merged weight (as ``merge`` computes it) is
+        finite, and ``TypeError`` if one cannot be merged at all; nothing changes."""
+        self._check_mergeable()
+        for name, layer in self.adapted_layers:
+            if not layer.merged and not torch.isfinite(layer.merged_weight()).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights of {name!r}. The adapter {self.adapter_name} "
                     "seems to be broken; nothing was merged"

@@ -70,7 +70,11 @@ def base_features(base: nn.Module) -> tuple[int, int, bool]:
     if isinstance(base, Conv1D):  # GPT-2 style: weight stored as (d_in, d_out)
         d_in, d_out = base.weight.shape
         return d_in, d_out, True
-    raise TypeError(f"unsupported base layer {type(base).__name__}: AdaLoRA adapts nn.Linear and Conv1D")
+    raise TypeError(
+        f"unsupported base layer {type(base).__name__}: AdaLoRA adapts nn.Linear (bitsandbytes' Linear4bit "
+        "and Linear8bitLt, and linears with torchao NF4 weights, included) and Conv1D; GPTQ / AWQ quantised "
+        "layers are not supported"
+    )
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -153,7 +157,16 @@ def find_target_modules(
     indices = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
     names = []
     for name, module in model.named_modules():
-        if not name or not isinstance(module, SUPPORTED):
+        if not name:
+            continue
+        if not isinstance(module, SUPPORTED):
+            named = _named_target(name, module, spec, indices, layers_pattern, exclude_modules)
+            if shorthand is None and named:
+                # PEFT refuses a named target it cannot adapt; skipping it would train less than asked.
+                try:
+                    base_features(module)
+                except TypeError as err:
+                    raise ValueError(f"target module {name!r}: {err}") from None
             continue
         if shorthand == ALL_PROJECTIONS:
             parts = name.split(".")
@@ -178,6 +191,15 @@ def find_target_modules(
             + f") matches no nn.Linear or Conv1D module of {type(model).__name__}"
         )
     return names
+
+
+def _named_target(name, module, spec, indices, layers_pattern, exclude_modules) -> bool:
+    """Whether a list / regex ``spec`` names this leaf module (and no filter drops it)."""
+    if any(True for _ in module.children()) or not _matches(name, spec):
+        return False  # containers are never targets (a regex may span them)
+    if indices and not isinstance(spec, str) and _layer_index(name, layers_pattern) not in indices:
+        return False
+    return exclude_modules is None or not _matches(name, exclude_modules)
 
 
 def config_targets(model: nn.Module, config: Any) -> list[str]:

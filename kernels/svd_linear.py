@@ -253,6 +253,11 @@ def unsupported_reason(
     ``torch.autocast`` the dtypes are those after :func:`autocast_inputs`' casts."""
     if weight.requires_grad:
         return "the base weight requires grad (the fused op computes no weight gradient)"
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) and weight.is_floating_point():
+        return (
+            f"the base weight is a {type(weight).__name__} (a tensor subclass): the fused op reads plain "
+            "tensors; the base layer's own forward runs it"
+        )
     if not weight.is_floating_point():
         return (
             f"the base weight is quantised ({type(weight).__name__}, {weight.dtype}): the fused op needs a "

@@ -98,10 +98,13 @@ def test_list_is_suffix_match():
     assert find_target_modules(model, ["lm_head"], None) == ["lm_head"]
 
 
-def test_list_skips_non_linear_modules():
+def test_list_skips_containers_and_refuses_other_named_layers():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="target_modules"):
-        find_target_modules(model, ["self_attn", "mlp", "embed_tokens"], None)
+    with pytest.raises(ValueError, match="target_modules"):  # containers are not targets: none matched
+        find_target_modules(model, ["self_attn", "mlp"], None)
+    # A named leaf AdaLoRA cannot adapt is refused, as PEFT refuses it (not silently skipped).
+    with pytest.raises(ValueError, match="'model.embed_tokens': unsupported base layer Embedding"):
+        find_target_modules(model, ["self_attn", "embed_tokens"], None)
 
 
 def test_string_is_full_regex():

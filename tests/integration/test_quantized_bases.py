@@ -217,3 +217,79 @@ def test_qlora_recipe_with_trainer(base_dir, tmp_path, optim):
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     saved = {f.name for f in (tmp_path / "checkpoint-8").iterdir()}
     assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
+
+
+def test_torchao_nf4_weights_train_through_the_torch_path_and_refuse_to_merge():
+    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    torch.manual_seed(0)
+    quantised, plain = tiny_llama(2).to(torch.bfloat16), tiny_llama(2).to(torch.bfloat16)
+    for (name, module), other in zip(quantised.named_modules(), plain.modules(), strict=True):
+        if name.endswith("proj"):
+            packed = nf4.to_nf4(module.weight.data, 32, 16)
+            module.weight = torch.nn.Parameter(packed, requires_grad=False)
+            # The same weights, dequantised: what F.linear computes with.
+            other.weight = torch.nn.Parameter(packed.get_original_weight(), requires_grad=False)
+    cfg = af.AdaLoraConfig(target_modules=LLAMA_PROJ, backend="triton", **SCHEDULE)
+    ours = af.get_adalora_model(quantised, cfg)
+    # The reference on the torch path (bf16 tl.dot is wrong in the interpreter).
+    reference = af.get_adalora_model(
+        plain, af.AdaLoraConfig(target_modules=LLAMA_PROJ, backend="torch", **SCHEDULE)
+    )
+    with torch.no_grad():
+        for _, layer in ours.adapted_layers:
+            layer.lora_E.normal_()  # adapters that change the output
+    reference.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    x = batches(1, seed=7)[0]
+    backend.reset_warnings()
+    with pytest.warns(UserWarning, match="the base weight is a NF4Tensor"):
+        loss = ours(input_ids=x, labels=x).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in ours.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(ours, x), _logits(reference, x), rtol=0, atol=0)
+    before = {n: layer.base_layer.weight for n, layer in ours.adapted_layers}
+    with pytest.raises(TypeError, match=r"cannot merge 'model\.layers\.0\.self_attn\.q_proj'.*NF4Tensor"):
+        ours.merge()
+    with pytest.raises(TypeError, match="NF4Tensor"):
+        ours.merge_and_unload()
+    assert all(not layer.merged and layer.base_layer.weight is before[n] for n, layer in ours.adapted_layers)
+    assert ours.adapted_names  # nothing unloaded
+
+
+def test_gptq_style_layers_are_refused_naming_the_type():
+    class QuantLinear(torch.nn.Module):  # stands in for gptqmodel's / AutoGPTQ's packed linears
+        def forward(self, x):
+            return x
+
+    model = tiny_llama(2)
+    model.model.layers[0].self_attn.q_proj = QuantLinear()
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(
+        ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj': unsupported base layer QuantLinear"
+    ):
+        af.get_adalora_model(model, af.AdaLoraConfig(target_modules=["q_proj"], **SCHEDULE))
+    assert [n for n, _ in model.named_modules()] == before
+
+
+def test_compaction_on_a_quantised_base_keeps_the_outputs(base_dir, tmp_path):
+    torch.manual_seed(0)
+    model = af.get_adalora_model(
+        quantized(base_dir, "nf4"), af.AdaLoraConfig(target_modules=LLAMA_PROJ, **SCHEDULE)
+    )
+    opt = _optimizer(model)
+    data = batches(SCHEDULE["total_step"], seed=8)
+    for step, x in enumerate(data):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+    x = batches(1, seed=9)[0]
+    model.eval()
+    before = _logits(model, x)
+    model.save_pretrained(tmp_path / "soft")
+    assert model.compact(opt)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_E" in n) == model.total_kept_rank()
+    torch.testing.assert_close(_logits(model, x), before, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path / "compact")
+    reloaded = af.AdaLoraModel.from_pretrained(quantized(base_dir, "nf4"), tmp_path / "compact")
+    torch.testing.assert_close(_logits(reloaded, x), before, rtol=1e-5, atol=1e-6)
