@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .backend import Choice, choose, fall_back
+from .backend import Choice, choose, fall_back, requested_backend
 from .reference import svd_adapter
 
 
@@ -74,6 +74,10 @@ def svd_linear(
     PyTorch path, PEFT's op order: the base output, then the adapter branch in the adapter's dtype
     added in place. Rank-0 adapters still run (and draw the dropout mask), as in PEFT.
     """
+    if not weight.is_floating_point() and base_forward is not None:
+        return _quantized_base_svd_linear(
+            x, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p, backend, base_forward
+        )
     choice = svd_linear_choice(x, weight, lora_A, backend)
     if choice.backend == "triton":
         from .kernels import svd_linear as kernel
@@ -88,13 +92,35 @@ def svd_linear(
     xa = x.to(lora_A.dtype)
     if dropout_p > 0.0:
         xa = F.dropout(xa, dropout_p, training=True)
-    update = svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum)
-    if not weight.is_floating_point():
-        # A quantised base (bitsandbytes) may return a view its custom Function made: add out of place
-        # (PEFT's quantised layers do too), in the base output's dtype.
-        return result + update.to(result.dtype)
-    result += update
+    result += svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum)
     return result
+
+
+def _quantized_base_svd_linear(x, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p, backend, base_forward):
+    """A quantised base (bitsandbytes): its module computes the base product. The low-rank term runs
+    through the kernels (``kernels/base_plus_svd.py``) only when ``backend="triton"`` asks for them (opt-in
+    until a GPU run shows them faster here); else through PyTorch, added out of place as PEFT's
+    quantised layers add it (bitsandbytes' 8-bit output is a view its Function made)."""
+    if requested_backend(backend) == "triton":
+
+        def unsupported() -> str | None:
+            from .kernels import base_plus_svd
+
+            return base_plus_svd.unsupported_reason(x, lora_A)
+
+        choice = choose("svd_linear", "triton", x.device, unsupported)
+        if choice.backend == "triton":
+            from .kernels import base_plus_svd
+
+            return base_plus_svd.base_plus_svd(
+                base_forward(x), x, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p=dropout_p
+            )
+        fall_back("svd_linear", choice.reason)
+    result = base_forward(x)
+    xa = x.to(lora_A.dtype)
+    if dropout_p > 0.0:
+        xa = F.dropout(xa, dropout_p, training=True)
+    return result + svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum).to(result.dtype)
 
 
 # ---- the orthogonal regulariser -----------------------------------------------------------------

@@ -13,6 +13,11 @@ Index (file: what it computes; who calls it):
   accumulator; ``svd_linear`` (forward ``y``, backward ``dx``, inference with S computed inside).
 - ``xt_s.py``: ``diag(s λ) S^T drop(X)``, row-split partials summed in a fixed order; ``svd_linear``
   (``dQ`` from x, ``dP`` from dy).
+- ``y_plus_sb.py``: ``Y += drop(S diag(s λ) B)`` in place, the low-rank term added into an output another
+  kernel made; ``base_plus_svd`` (forward ``y``, backward ``dx``).
+- ``base_plus_svd.py``: the adapted layer on a base whose product another library computes
+  (bitsandbytes' 4/8-bit): ``x_at``, ``y_plus_sb``, ``xt_s`` under one autograd Function;
+  ``adalora_fast.functional.svd_linear`` with ``backend="triton"`` on a quantised base (opt-in).
 - ``dropout_mask.py``: the Philox keep mask of a seed, materialised; tests and references only.
 - ``svd_linear.py``: the ``torch.library`` ops ``adalora_fast::svd_linear_fwd / _bwd / _infer`` (fake
   implementations, autograd) on the three kernels above; ``adalora_fast.functional.svd_linear``.

@@ -4,8 +4,9 @@ Side by side with PEFT's SVDLinear4bit / SVDLinear8bitLt from PEFT's checkpoint:
 identical masks; each loads the other's checkpoint with equal logits; resume through our checkpoint
 continues exactly; the LoRA export loads in PEFT. Merging: dequantise, add dW in fp32, quantise again
 (the merged weight is exactly that; within one quantisation step of W + dW); unmerge restores the
-packed weight bit for bit; merge_and_unload keeps bitsandbytes layers. The fused op's fallback names the
-quantised base."""
+packed weight bit for bit; merge_and_unload keeps bitsandbytes layers. backend="triton" adds the
+low-rank term through our kernels into bitsandbytes' output (equal to the torch path); torchao NF4
+weights train and refuse to merge; GPTQ-style layers are refused; the QLoRA recipe under Trainer."""
 
 from __future__ import annotations
 
@@ -187,13 +188,41 @@ def test_merge_on_quantized_bases(base_dir, kind):
     torch.testing.assert_close(_logits(plain, x), merged)
 
 
-def test_fused_op_falls_back_naming_the_quantised_base(base_dir):
-    backend.reset_warnings()
-    cfg = af.AdaLoraConfig(target_modules=["q_proj"], backend="triton", **SCHEDULE)
-    model = af.get_adalora_model(quantized(base_dir, "nf4"), cfg)
-    x = batches(1, seed=6)[0]
-    with pytest.warns(UserWarning, match=r"base weight is quantised \(Params4bit, torch.uint8\)"):
-        model(input_ids=x, labels=x)
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_triton_backend_adds_the_low_rank_term_through_the_kernels(base_dir, kind, monkeypatch):
+    """Opt-in (backend="triton"): the base product in bitsandbytes, the low-rank term through our kernels
+    (Triton's interpreter on the CPU), equal to the torch path step by step."""
+    kernel = pytest.importorskip("adalora_fast.kernels.base_plus_svd")
+    calls = []
+    real = kernel.y_plus_sb
+    monkeypatch.setattr(kernel, "y_plus_sb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    models = []
+    for backend_name in ("torch", "triton"):
+        cfg = af.AdaLoraConfig(target_modules=["q_proj", "v_proj"], backend=backend_name, **SCHEDULE)
+        models.append(af.get_adalora_model(quantized(base_dir, kind), cfg))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(models[0].adapted_layers, models[1].adapted_layers, strict=True):
+            a.lora_E.normal_()
+            for k in ("lora_A", "lora_E", "lora_B"):
+                getattr(b, k).copy_(getattr(a, k))
+    opts = [_optimizer(m) for m in models]
+    data = batches(3, seed=10)
+    for step, x in enumerate(data):
+        losses = []
+        for model, opt in zip(models, opts, strict=True):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            model.update_and_allocate(step)
+            opt.zero_grad()
+            losses.append(float(loss))
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5), step
+    # 3 steps x (4 layers' forwards + the dx of layer 1's 2: layer 0's input needs no gradient).
+    assert len(calls) == 3 * (4 + 2)
+    for (name, a), (_, b) in zip(models[0].adapted_layers, models[1].adapted_layers, strict=True):
+        for k in ("lora_A", "lora_E", "lora_B"):
+            torch.testing.assert_close(getattr(b, k), getattr(a, k), rtol=1e-4, atol=1e-6, msg=f"{name}.{k}")
 
 
 @pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit"])
