@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .constants import RANKNUM_EPS
+from .constants import MAX_RANK, RANKNUM_EPS, SUPPORTED_DTYPES
 
 # Triton decides at decoration time whether kernels are interpreted: read the flag the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -61,6 +61,18 @@ def adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling):
     lam = tl.load(e_ptr + offs_r * stride_e, mask=offs_r < R, other=0.0).to(tl.float32)
     ranknum = tl.load(ranknum_ptr).to(tl.float32)
     return lam * (scaling / (ranknum + _EPS))
+
+
+def adapter_reason(lora_A: torch.Tensor, device: torch.device, other: str) -> str | None:
+    """Why the kernels cannot take these adapter factors (dtype, rank, device), or None; ``other`` names
+    what ``device`` belongs to (for the message)."""
+    if lora_A.dtype not in SUPPORTED_DTYPES:
+        return f"adapter dtype {lora_A.dtype} (supported: fp32, fp16, bf16)"
+    if lora_A.shape[0] > MAX_RANK:
+        return f"rank {lora_A.shape[0]} > {MAX_RANK}"
+    if lora_A.device != device:
+        return f"adapter on {lora_A.device} but {other} on {device}"
+    return None
 
 
 def cdiv(a: int, b: int) -> int:

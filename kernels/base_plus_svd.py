@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_seed, device_guard
-from .constants import MAX_RANK, RANKNUM_EPS, SUPPORTED_DTYPES
+from ._common import adapter_reason, check_seed, device_guard
+from .constants import RANKNUM_EPS, SUPPORTED_DTYPES
 from .x_at import x_at
 from .xt_s import xt_s
 from .y_plus_sb import y_plus_sb
@@ -62,13 +62,7 @@ def unsupported_reason(x: torch.Tensor, lora_A: torch.Tensor) -> str | None:
     """Why this call cannot run here, or None (the PyTorch path runs it then)."""
     if x.dtype not in SUPPORTED_DTYPES:
         return f"input dtype {x.dtype} (supported: fp32, fp16, bf16)"
-    if lora_A.dtype not in SUPPORTED_DTYPES:
-        return f"adapter dtype {lora_A.dtype} (supported: fp32, fp16, bf16)"
-    if lora_A.shape[0] > MAX_RANK:
-        return f"rank {lora_A.shape[0]} > {MAX_RANK}"
-    if lora_A.device != x.device:
-        return f"adapter on {lora_A.device} but input on {x.device}"
-    return None
+    return adapter_reason(lora_A, x.device, "input")
 
 
 def base_plus_svd(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_seed, device_guard
+from ._common import adapter_reason, check_seed, device_guard
 from .constants import MAX_RANK, RANKNUM_EPS, SUPPORTED_DTYPES
 from .x_at import x_at
 from .xt_s import xt_s
@@ -271,13 +271,7 @@ def unsupported_reason(
         return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
     elif weight.dtype not in SUPPORTED_DTYPES:
         return f"base dtype {weight.dtype} (supported: fp32, fp16, bf16)"
-    if lora_A.dtype not in SUPPORTED_DTYPES:
-        return f"adapter dtype {lora_A.dtype} (supported: fp32, fp16, bf16)"
-    if lora_A.shape[0] > MAX_RANK:
-        return f"rank {lora_A.shape[0]} > {MAX_RANK}"
-    if lora_A.device != weight.device:
-        return f"adapter on {lora_A.device} but base weight on {weight.device}"
-    return None
+    return adapter_reason(lora_A, weight.device, "base weight")
 
 
 def check_inputs(
