@@ -89,10 +89,7 @@ def svd_linear(
     if choice.reason is not None:
         fall_back("svd_linear", choice.reason)
     result = base_forward(x) if base_forward is not None else base_linear(x, weight, bias, fan_in_fan_out)
-    xa = x.to(lora_A.dtype)
-    if dropout_p > 0.0:
-        xa = F.dropout(xa, dropout_p, training=True)
-    result += svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum)
+    result += _adapter_term(x, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p)
     return result
 
 
@@ -117,10 +114,15 @@ def _quantized_base_svd_linear(x, lora_A, lora_E, lora_B, ranknum, scaling, drop
             )
         fall_back("svd_linear", choice.reason)
     result = base_forward(x)
+    return result + _adapter_term(x, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p).to(result.dtype)
+
+
+def _adapter_term(x, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p) -> torch.Tensor:
+    """The PyTorch path's adapter branch: x in the adapter dtype, F.dropout, PEFT's op order."""
     xa = x.to(lora_A.dtype)
     if dropout_p > 0.0:
         xa = F.dropout(xa, dropout_p, training=True)
-    return result + svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum).to(result.dtype)
+    return svd_adapter(xa, lora_A, lora_E, lora_B, scaling, ranknum)
 
 
 # ---- the orthogonal regulariser -----------------------------------------------------------------

@@ -16,6 +16,7 @@ layers and then wrapped by ours, so the PEFT model must not be used afterwards (
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,25 +109,28 @@ def _collect_layers(root: nn.Module, adapter: str) -> tuple[list[_PeftLayer], li
     return layers, others
 
 
-def _peft_scores(tuner: Any, layers: list[_PeftLayer], adapter: str) -> dict[str, torch.Tensor]:
-    """PEFT's sensitivity / uncertainty EMAs in our per-layer format (empty if PEFT has none)."""
+def _peft_scores(
+    tuner: Any, layers: list[tuple[str, Mapping[str, torch.Tensor]]], adapter: str
+) -> dict[str, torch.Tensor]:
+    """PEFT's sensitivity / uncertainty EMAs of ``layers`` (``(module, {factor: parameter})``) in our
+    per-layer format (empty if PEFT has none)."""
     alloc = getattr(tuner, "rankallocator", None)
     if alloc is None or not alloc.exp_avg_ipt:
         return {}
     out = {}
-    for layer in layers:
+    for name, params in layers:
         for kind in FACTORS:
-            key = f"{layer.name}.{kind}.{adapter}"
+            key = f"{name}.{kind}.{adapter}"
             if key not in alloc.exp_avg_ipt or key not in alloc.exp_avg_unc:
                 raise ValueError(f"PEFT's rank allocator has no importance EMA for {key!r}")
             for tag, bufs in (("ema_ipt", alloc.exp_avg_ipt), ("ema_unc", alloc.exp_avg_unc)):
                 t = bufs[key]
-                if t.shape != layer.params[kind].shape:
+                if t.shape != params[kind].shape:
                     raise ValueError(
                         f"PEFT's importance EMA of {key!r} has shape {tuple(t.shape)}, the parameter "
-                        f"{tuple(layer.params[kind].shape)}"
+                        f"{tuple(params[kind].shape)}"
                     )
-                out[f"{layer.name}.{kind}.{tag}"] = t.detach().clone()
+                out[f"{name}.{kind}.{tag}"] = t.detach().clone()
     return out
 
 
@@ -176,7 +180,7 @@ def from_peft(peft_model: Any, adapter_name: str | None = None, backend: str | N
     layers, others = _collect_layers(root, adapter)
     pattern = parse_rank_pattern(peft_cfg.rank_pattern, adapter, source="PEFT's config")
     trainable = not peft_cfg.inference_mode
-    scores = _peft_scores(tuner, layers, adapter) if trainable else {}
+    scores = _peft_scores(tuner, [(r.name, r.params) for r in layers], adapter) if trainable else {}
 
     held_patterns: dict[str, list[bool] | None] = {}
     keep: dict[str, torch.Tensor] = {}

@@ -123,7 +123,7 @@ def accelerate_peft(model: Any, backend: str | None = None) -> PeftAdaLoraDriver
     driver = getattr(tuner, DRIVER_ATTR, None)
     if driver is not None:
         if backend is not None:
-            driver.backend = driver.adalora_config.backend = backend
+            driver.adalora_config.backend = backend
         return driver
     driver = PeftAdaLoraDriver(tuner, backend)
     setattr(tuner, DRIVER_ATTR, driver)
@@ -148,7 +148,6 @@ class PeftAdaLoraDriver:
         if backend is not None:
             config.backend = backend
         self.tuner, self.adapter, self.adalora_config = tuner, adapter, config
-        self.backend = config.backend
         self.model: nn.Module = tuner.model  # the transformers model (for label names, TRL's head)
         self.layers = self._collect_layers()
         self.orth_reg_added_by_caller = False
@@ -180,10 +179,9 @@ class PeftAdaLoraDriver:
 
     def _take_over_peft_state(self) -> None:
         """PEFT's importance EMAs and last mask (a model accelerated mid-training), if it has any."""
-        from .peft import _peft_scores, _PeftLayer
+        from .peft import _peft_scores
 
-        rows = [_PeftLayer(n, v.layer, dict(v._parameters.items()), v.r, (0.0, 0.0)) for n, v in self.layers]
-        scores = _peft_scores(self.tuner, rows, self.adapter)
+        scores = _peft_scores(self.tuner, [(n, v._parameters) for n, v in self.layers], self.adapter)
         pattern = parse_rank_pattern(
             self.tuner.peft_config[self.adapter].rank_pattern, self.adapter, source="PEFT's config"
         )
@@ -238,6 +236,10 @@ class PeftAdaLoraDriver:
             delattr(self.tuner, DRIVER_ATTR)
 
     # ---- what training calls --------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self.adalora_config.backend
+
     @property
     def adapted_layers(self) -> list[tuple[str, PeftLayerView]]:
         return self.layers

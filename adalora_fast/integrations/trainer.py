@@ -182,12 +182,8 @@ def _regulariser_in_compute_loss(trainer: Trainer) -> Iterator[None]:
         del trainer.compute_loss
 
 
-def _training_step(original, self: Trainer, *args, **kwargs):
-    with _regulariser_in_compute_loss(self):
-        return original(self, *args, **kwargs)
-
-
-def _prediction_step(original, self: Trainer, *args, **kwargs):
+def _with_regulariser(original, self: Trainer, *args, **kwargs):
+    """``training_step`` / ``prediction_step`` under :func:`_regulariser_in_compute_loss`."""
     with _regulariser_in_compute_loss(self):
         return original(self, *args, **kwargs)
 
@@ -201,8 +197,8 @@ def install_trainer_hooks() -> None:
         ("_save", _save),
         ("_load_from_checkpoint", _load_from_checkpoint),
         ("_load_best_model", _load_best_model),
-        ("training_step", _training_step),
-        ("prediction_step", _prediction_step),
+        ("training_step", _with_regulariser),
+        ("prediction_step", _with_regulariser),
     ):
         original = getattr(Trainer, name)
         if not getattr(original, "__adalora_fast__", False):
