@@ -7,7 +7,7 @@ Data flow: config -> model -> layer -> functional -> kernels (the adapted layer)
 from .allocator import RankAllocator
 from .config import AdaLoraConfig
 from .functional import orth_regularization
-from .integrations import accelerate_peft, from_peft, unwrap_model, update_and_allocate
+from .integrations import accelerate_peft, from_peft, fully_shard, unwrap_model, update_and_allocate
 from .layer import SVDLinear
 from .model import AdaLoraModel, get_adalora_model, get_peft_model
 
@@ -19,6 +19,7 @@ __all__ = [
     "SVDLinear",
     "accelerate_peft",
     "from_peft",
+    "fully_shard",
     "get_adalora_model",
     "get_peft_model",
     "orth_regularization",

@@ -24,6 +24,7 @@ from .checkpoint.files import to_cpu
 from .checkpoint.peft_format import parse_rank_pattern
 from .checkpoint.reader import read_checkpoint
 from .config import AdaLoraConfig
+from .distributed import check_training_engine
 from .factors import FACTORS, check_factor_shapes, expand_pattern
 from .functional import orth_regularization
 from .layer import SVDLinear
@@ -112,6 +113,9 @@ class AdaLoraModel(PeftModelApi, nn.Module):
     # transformers' flag for "trainable adapters are attached": its Trainer refuses to fine-tune a
     # quantised model without them (validate_quantization_for_training) and reads it here.
     _hf_peft_config_loaded = True
+    # True where the training loop all-reduces the adapter gradients itself (no DDP, no
+    # adalora_fast.fully_shard): the forward then trusts it on more than one process.
+    gradients_synchronised_by_user = False
 
     def __init__(
         self,
@@ -233,6 +237,8 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         # finds the label names; instances carry the wrapped model's full signature (see __init__).
         if labels is not None:
             kwargs["labels"] = labels
+        if torch.is_grad_enabled() and self.rank_allocator is not None:  # a forward that may train
+            check_training_engine(self)
         outputs = self.model(*args, **kwargs)
         weight = self.adalora_config.orth_reg_weight
         if weight <= 0 or self.orth_reg_added_by_caller:

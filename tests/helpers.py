@@ -458,3 +458,61 @@ def word_texts(n: int, length: int = 12, vocab: int = 64, seed: int = 0) -> list
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, vocab - 3, (n, length), generator=g)
     return [" ".join(f"w{int(i)}" for i in row) for row in rows]
+
+
+# ---- several processes on the CPU (tests/integration/test_ddp.py, test_fsdp.py) ------------------------
+# A test launches its own file as a script, once per rank (``python FILE SCENARIO RANK STORE OUT``, the
+# repository root on PYTHONPATH so that the script imports tests.helpers), with a FileStore rendezvous in
+# tmp_path (no port to pick, so no port race), a timeout on every collective and a wall-clock limit on
+# the whole launch, so that a stuck rank fails the test instead of hanging it.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def init_gloo(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
+    """One rank's ``init_process_group`` (gloo, one thread) over the FileStore ``store``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )  # fmt: skip
+
+
+def launch_ranks(script: str, scenario: str, tmp_path, world: int = 2, timeout_s: float = 240.0) -> None:
+    """Run ``script scenario RANK STORE tmp_path`` on ``world`` processes; ``pytest.fail`` with their
+    output if a rank fails or the launch outlives ``timeout_s``."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+    store = tmp_path / f"{scenario}.store"
+    logs = [tmp_path / f"{scenario}_rank{r}.log" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as log:
+            cmd = [sys.executable, script, scenario, str(r), str(store), str(tmp_path)]
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    if codes != [0] * world:
+        output = "\n".join(
+            f"--- rank {r} (exit {c}) ---\n{logs[r].read_text()[-4000:]}" for r, c in enumerate(codes)
+        )
+        pytest.fail(f"{scenario}: ranks exited with {codes} (negative: killed after {timeout_s} s)\n{output}")

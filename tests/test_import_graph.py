@@ -18,7 +18,7 @@ SOURCES = {"adalora_fast": ROOT / "adalora_fast", "adalora_fast.kernels": ROOT /
 # subpackage), never up and never sideways into another group of the same layer.
 LAYERS: list[list[str]] = [
     ["adalora_fast.kernels"],
-    ["adalora_fast.factors", "adalora_fast.backend", "adalora_fast.testing"],
+    ["adalora_fast.factors", "adalora_fast.backend", "adalora_fast.testing", "adalora_fast.distributed"],
     ["adalora_fast.config", "adalora_fast.reference", "adalora_fast.targets", "adalora_fast.quantized"],
     ["adalora_fast.functional"],
     ["adalora_fast.layer", "adalora_fast.saved_modules", "adalora_fast.allocator", "adalora_fast.checkpoint"],

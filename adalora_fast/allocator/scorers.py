@@ -86,10 +86,10 @@ def reject_sharded_adapters(named_params: Iterable[tuple[str, torch.Tensor]]) ->
             raise NotImplementedError(
                 f"{name} is sharded (a DTensor): adalora_fast does not support FSDP2 "
                 "(torch.distributed.fsdp.fully_shard) or tensor parallelism on its adapters; the rank "
-                "allocator scores and masks whole adapter matrices across all layers. Train with "
-                "torch.nn.parallel.DistributedDataParallel instead: wrap the model returned by "
-                "get_adalora_model and call adalora_fast.update_and_allocate(ddp_model, step); every rank "
-                "then computes the same masks from the all-reduced gradients"
+                "allocator scores and masks whole adapter matrices across all layers. Shard the frozen "
+                "base only with adalora_fast.fully_shard(model) (FSDP2, the adapters replicated), or train "
+                "with torch.nn.parallel.DistributedDataParallel: every rank then computes the same masks "
+                "from the all-reduced gradients"
             )
 
 

@@ -1,0 +1,82 @@
+"""Which data-parallel engine runs a training forward, and the refusal of those that would train the
+adapters wrongly.
+
+The allocator scores and masks every adapter tensor whole, on every rank alike, from gradients that are
+already averaged over the ranks when ``optimizer.step()`` runs. Two engines give it that:
+``torch.nn.parallel.DistributedDataParallel`` and :func:`adalora_fast.fully_shard` (FSDP2 with the frozen
+base sharded and the adapters replicated). The others do not, and some of them train silently wrong
+(FSDP1 ``NO_SHARD`` loses the regulariser's gradient), so a training forward run by more than one
+process under anything else is refused before the first optimizer step.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# A loop that all-reduces the adapter gradients itself sets this attribute on the AdaLoraModel.
+USER_SYNC_ATTR = "gradients_synchronised_by_user"
+# Set on the AdaLoraModel by adalora_fast.fully_shard (its gradient synchroniser).
+FULLY_SHARD_ATTR = "_adalora_replicated"
+
+
+def _ddp_forward_active() -> bool:
+    """True inside ``DistributedDataParallel.forward`` (DDP records its active module for dynamo)."""
+    ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
+    return ddp is not None and getattr(ddp, "_active_ddp_module", None) is not None
+
+
+def _is_dtensor(t: object) -> bool:
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def engine_name(model: nn.Module) -> tuple[str, str]:
+    """``(engine, what it does to the adapters)`` for a training forward of ``model`` (an AdaLoraModel)
+    that neither DDP nor ``adalora_fast.fully_shard`` runs."""
+    layers = getattr(model, "adapted_layers", None) or []
+    tensors = [getattr(m, k, None) for _, m in layers for k in ("lora_A", "lora_E", "lora_B")]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel"),
+                    "FullyShardedDataParallel", None)  # fmt: skip
+    if any(hasattr(t, "ds_id") for t in tensors):
+        return "DeepSpeed ZeRO-3", "partitions the adapter parameters themselves"
+    if "deepspeed" in sys.modules and getattr(sys.modules["deepspeed"], "comm", None) is not None:
+        return "DeepSpeed", "keeps the adapter gradients in its own partitioned buffers (p.grad is None)"
+    if any(getattr(t, "_fsdp_flattened", False) or not isinstance(t, nn.Parameter) for t in tensors) or (
+        fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
+    ):
+        return (
+            "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, any sharding strategy)",
+            "flattens the adapters into its FlatParameters",
+        )
+    if any(_is_dtensor(t) for t in tensors):
+        return (
+            "FSDP2 with the adapters sharded (a plain torch fully_shard(model), or accelerate's / "
+            "Trainer's FSDP2 plugin)",
+            "shards every adapter tensor (DTensors)",
+        )
+    return "an engine other than DistributedDataParallel", "synchronises no adapter gradient it can see"
+
+
+def check_training_engine(model: nn.Module) -> None:
+    """Refuse a training forward of ``model`` (an AdaLoraModel) run by more than one process under an
+    engine other than DDP or ``adalora_fast.fully_shard``. Host cost on one process: one C call."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if model.__dict__.get(FULLY_SHARD_ATTR) is not None or model.__dict__.get(USER_SYNC_ATTR, False):
+        return
+    world = dist.get_world_size()
+    if world == 1 or _ddp_forward_active():
+        return
+    engine, what = engine_name(model)
+    raise RuntimeError(
+        f"adalora_fast cannot train under {engine} on {world} processes: it {what}, while the rank "
+        "allocator needs every adapter tensor whole and alike on every rank, with gradients averaged "
+        "over the ranks before optimizer.step(). Use adalora_fast.fully_shard(model) (FSDP2: the frozen "
+        "base sharded, the adapters replicated) or torch.nn.parallel.DistributedDataParallel(model). "
+        f"(A loop that all-reduces the adapter gradients itself sets model.{USER_SYNC_ATTR} = True.)"
+    )
