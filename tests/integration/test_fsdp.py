@@ -31,6 +31,7 @@ LR = 1e-2
 # final mask at step 9, the recorded pattern re-applied at steps 10 and 11.
 SCHEDULE = {"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "total_step": 12}
 SHORT = {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "total_step": 6}
+COMPACTING = {"checkpointing": True, "compact_after_final": True, "orth_reg_weight": 0.0}
 RESUME_AT = 5  # the checkpoint of the resume scenario is written after this step
 KINDS = ("lora_A", "lora_E", "lora_B")
 LAUNCH_TIMEOUT_S = 240
@@ -41,9 +42,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _model(seed: int, schedule: dict = SCHEDULE, **overrides) -> af.AdaLoraModel:
-    """The tiny Llama (the same base weights everywhere) with adapters drawn after ``manual_seed(seed)``."""
+def _model(seed: int, schedule: dict = SCHEDULE, checkpointing: bool = False, **overrides) -> af.AdaLoraModel:
+    """The tiny Llama (the same base weights everywhere) with adapters drawn after ``manual_seed(seed)``;
+    ``checkpointing``: re-entrant activation checkpointing of its decoder layers (in train mode)."""
     base = tiny_llama(2)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        base.train()
     torch.manual_seed(seed)
     config = af.AdaLoraConfig(target_modules=LLAMA_PROJ, lora_dropout=0.0, **{**schedule, **overrides})
     return af.get_adalora_model(base, config)
@@ -85,13 +90,23 @@ def _train(
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        budgets.append(af.update_and_allocate(model, step))
+        budgets.append(af.update_and_allocate(model, step, opt))
         patterns.append(af.unwrap_model(model).rank_pattern)
         opt.zero_grad()
         losses.append(total)
         if on_step is not None:
             on_step(step, opt)
     return {"losses": losses, "budgets": budgets, "patterns": patterns, "weights": _adapter_weights(model)}
+
+
+def _one_thread_train(*args, **kwargs) -> dict:
+    """:func:`_train` on one CPU thread, as each rank runs (``init_gloo``): the same matmul blocking."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rows(rank: int | None) -> slice:
@@ -154,11 +169,18 @@ def _rank_shard(rank: int, out: Path) -> None:
     results["accum"] = _train(accum, _rows(rank), range(SCHEDULE["total_step"]), micro=2, clip=0.5)
     results["accum"]["reductions"] = accum._adalora_replicated.reductions
 
-    # 4. The Triton scorer and regulariser (the interpreter) on the sharded model, a short schedule.
+    # 4. Compaction at the final pattern, under re-entrant activation checkpointing (no regulariser,
+    # whose gradient would reach the adapters in the outer autograd graph first).
+    compacting = af.fully_shard(_model(seed=40 + rank, **COMPACTING))
+    results["compact"] = _train(compacting, _rows(rank), range(SCHEDULE["total_step"]))
+    results["compact"]["reductions"] = compacting._adalora_replicated.reductions
+    results["compact"]["shapes"] = {n: tuple(w.shape) for n, w in results["compact"]["weights"].items()}
+
+    # 5. The Triton scorer and regulariser (the interpreter) on the sharded model, a short schedule.
     triton = af.fully_shard(_model(seed=20 + rank, schedule=SHORT, backend="triton"))
     results["triton"] = _train(triton, _rows(rank), range(SHORT["total_step"]))
 
-    # 5. FSDP2's bf16 mixed precision (bf16 compute of the base, fp32 gradient reduction), torch path.
+    # 6. FSDP2's bf16 mixed precision (bf16 compute of the base, fp32 gradient reduction), torch path.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed = af.fully_shard(_model(seed=30 + rank, schedule=SHORT, backend="torch"), mp_policy=policy)
     results["mixed"] = _train(mixed, _rows(rank), range(SHORT["total_step"]))
@@ -289,6 +311,15 @@ def _assert_ranks_alike(ranks: list[dict], run: str) -> None:
             assert torch.equal(b["weights"][n], w), (run, n)
 
 
+def _assert_bitwise_one_process_on_the_ranks_rows(sharded: dict, single: dict, run: str) -> None:
+    """``single``: one process (one thread, as each rank) taking each rank's rows as a micro-batch of its
+    own (loss / WORLD): the same sums in the same order as the all-reduce, so the same weights bit for
+    bit. (Against the whole batch in one micro-batch the weights differ by fp32 rounding only, then.)"""
+    assert sharded["budgets"] == single["budgets"] and sharded["patterns"] == single["patterns"], run
+    for n, w in single["weights"].items():
+        assert torch.equal(sharded["weights"][n], w), (run, n)
+
+
 def _assert_equals_one_process(sharded: dict, single: dict, run: str) -> None:
     assert sharded["budgets"] == single["budgets"], run
     assert sharded["patterns"] == single["patterns"], run
@@ -321,6 +352,8 @@ def test_fully_shard_equals_one_process_on_the_whole_batch(sharded_run):
     initial = _adapter_weights(_model(seed=0))
     assert all(not torch.equal(single["weights"][n], initial[n]) for n in initial if "lora_E" not in n)
     _assert_equals_one_process(ranks[0]["plain"], single, "plain")
+    split = _one_thread_train(_model(seed=0), _rows(None), range(SCHEDULE["total_step"]), micro=WORLD)
+    _assert_bitwise_one_process_on_the_ranks_rows(ranks[0]["plain"], split, "plain")
     assert ranks[0]["plain"]["reductions"] == SCHEDULE["total_step"]  # one bucket per backward
 
 
@@ -331,6 +364,23 @@ def test_gradient_accumulation_without_sync_and_clipping(sharded_run):
     single = _train(_model(seed=10), _rows(None), range(SCHEDULE["total_step"]), clip=0.5)
     _assert_equals_one_process(ranks[0]["accum"], single, "accum")
     assert ranks[0]["accum"]["reductions"] == SCHEDULE["total_step"]  # none for the unsynced micro-batch
+
+
+def test_compaction_under_reentrant_checkpointing(sharded_run):
+    ranks, _ = sharded_run
+    _assert_ranks_alike(ranks, "compact")
+    steps = range(SCHEDULE["total_step"])
+    whole = _train(_model(seed=40, **COMPACTING), _rows(None), steps)
+    assert ranks[0]["compact"]["budgets"] == whole["budgets"]
+    assert ranks[0]["compact"]["patterns"] == whole["patterns"]
+    split = _one_thread_train(_model(seed=40, **COMPACTING), _rows(None), steps, micro=WORLD)
+    _assert_bitwise_one_process_on_the_ranks_rows(ranks[0]["compact"], split, "compact")
+    # Compacted: every layer holds its kept ranks only, 28 in all.
+    shapes = ranks[0]["compact"]["shapes"]
+    assert sum(s[0] for n, s in shapes.items() if n.endswith("lora_E")) == SCHEDULE["target_r"] * 14
+    # Each checkpointed block ends an autograd graph of its own, where the first adapter gradients
+    # arrive: more than one reduction per step, the average still exact.
+    assert ranks[0]["compact"]["reductions"] > SCHEDULE["total_step"]
 
 
 def test_triton_scorer_on_the_sharded_model(sharded_run):
