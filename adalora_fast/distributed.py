@@ -23,7 +23,7 @@ USER_SYNC_ATTR = "gradients_synchronised_by_user"
 FULLY_SHARD_ATTR = "_adalora_replicated"
 
 
-def _ddp_forward_active() -> bool:
+def ddp_forward_active() -> bool:
     """True inside ``DistributedDataParallel.forward`` (DDP records its active module for dynamo)."""
     ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
     return ddp is not None and getattr(ddp, "_active_ddp_module", None) is not None
@@ -70,7 +70,7 @@ def check_training_engine(model: nn.Module) -> None:
     if model.__dict__.get(FULLY_SHARD_ATTR) is not None or model.__dict__.get(USER_SYNC_ATTR, False):
         return
     world = dist.get_world_size()
-    if world == 1 or _ddp_forward_active():
+    if world == 1 or ddp_forward_active():
         return
     engine, what = engine_name(model)
     raise RuntimeError(

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed import FULLY_SHARD_ATTR
+from ..distributed import FULLY_SHARD_ATTR, ddp_forward_active
 from ..model import AdaLoraModel
 
 
@@ -91,9 +91,14 @@ class ReplicatedGradSync:
         self.params: list[nn.Parameter] = []
         self._handles: list[Any] = []
         self._queued = False
+        self._ddp_syncs = False  # the last forward ran inside DDP, which then averages the adapters
         self.reductions = 0  # bucketed all-reduces run (tests and users can see the collectives)
         self.refresh()
-        self._pre_hook = model.register_forward_pre_hook(lambda *_: self.refresh())
+        self._pre_hook = model.register_forward_pre_hook(lambda *_: self._before_forward())
+
+    def _before_forward(self) -> None:
+        self._ddp_syncs = ddp_forward_active()
+        self.refresh()
 
     # ---- which parameters ----------------------------------------------------------------------
     def refresh(self) -> None:
@@ -138,7 +143,7 @@ class ReplicatedGradSync:
     @torch.no_grad()
     def _reduce(self) -> None:
         self._queued = False
-        if not self.sync_enabled():
+        if self._ddp_syncs or not self.sync_enabled():
             return
         trained = [p for p in self.params if p.requires_grad]
         for params in _buckets(trained):
@@ -247,6 +252,12 @@ def fully_shard(
     for block in to_shard:
         shard(block, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
     shard(model, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
+    # DDP wrapped around the sharded model (what transformers' Trainer and accelerate do on more than one
+    # process without their FSDP plugin) leaves FSDP2's parameters alone and averages the adapters itself;
+    # ReplicatedGradSync then stands aside for its backwards.
+    model._ddp_params_and_buffers_to_ignore = [
+        n for n, p in model.named_parameters() if id(p) not in {id(q) for q in replicated}
+    ]
     model.__dict__[FULLY_SHARD_ATTR] = sync
     return model
 
