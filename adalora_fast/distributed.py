@@ -34,7 +34,7 @@ def _is_dtensor(t: object) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
-def engine_name(model: nn.Module) -> tuple[str, str]:
+def engine_name(model: object) -> tuple[str, str]:
     """``(engine, what it does to the adapters)`` for a training forward of ``model`` (an AdaLoraModel)
     that neither DDP nor ``adalora_fast.fully_shard`` runs."""
     layers = getattr(model, "adapted_layers", None) or []
@@ -46,8 +46,9 @@ def engine_name(model: nn.Module) -> tuple[str, str]:
         return "DeepSpeed ZeRO-3", "partitions the adapter parameters themselves"
     if "deepspeed" in sys.modules and getattr(sys.modules["deepspeed"], "comm", None) is not None:
         return "DeepSpeed", "keeps the adapter gradients in its own partitioned buffers (p.grad is None)"
+    modules = model.modules() if isinstance(model, nn.Module) else ()
     if any(getattr(t, "_fsdp_flattened", False) or not isinstance(t, nn.Parameter) for t in tensors) or (
-        fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
+        fsdp1 is not None and any(isinstance(m, fsdp1) for m in modules)
     ):
         return (
             "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, any sharding strategy)",
@@ -62,9 +63,10 @@ def engine_name(model: nn.Module) -> tuple[str, str]:
     return "an engine other than DistributedDataParallel", "synchronises no adapter gradient it can see"
 
 
-def check_training_engine(model: nn.Module) -> None:
-    """Refuse a training forward of ``model`` (an AdaLoraModel) run by more than one process under an
-    engine other than DDP or ``adalora_fast.fully_shard``. Host cost on one process: one C call."""
+def check_training_engine(model: object, name: str = "model") -> None:
+    """Refuse a training forward of ``model`` (an AdaLoraModel, or the driver of a PEFT model accelerated
+    in place; ``name`` says how the user reaches it) run by more than one process under an engine other
+    than DDP or ``adalora_fast.fully_shard``. Host cost on one process: one C call."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if model.__dict__.get(FULLY_SHARD_ATTR) is not None or model.__dict__.get(USER_SYNC_ATTR, False):
@@ -78,5 +80,5 @@ def check_training_engine(model: nn.Module) -> None:
         "allocator needs every adapter tensor whole and alike on every rank, with gradients averaged "
         "over the ranks before optimizer.step(). Use adalora_fast.fully_shard(model) (FSDP2: the frozen "
         "base sharded, the adapters replicated) or torch.nn.parallel.DistributedDataParallel(model). "
-        f"(A loop that all-reduces the adapter gradients itself sets model.{USER_SYNC_ATTR} = True.)"
+        f"(A loop that all-reduces the adapter gradients itself sets {name}.{USER_SYNC_ATTR} = True.)"
     )

@@ -34,6 +34,7 @@ from ..allocator import RankAllocator
 from ..checkpoint import training_state
 from ..checkpoint.peft_format import parse_rank_pattern
 from ..config import AdaLoraConfig
+from ..distributed import check_training_engine
 from ..factors import FACTORS
 from .wrappers import wrapped_module
 
@@ -214,6 +215,11 @@ class PeftAdaLoraDriver:
                 self.peft_forward_layers[name] = str(err)
                 continue
             layer.forward = types.MethodType(_fused_layer_forward(self), layer)
+        # The engine check at the first adapted layer: PeftModel.forward without a task type calls the
+        # transformers model directly, past the tuner's forward.
+        self._engine_hook = (
+            self.layers[0][1].layer.register_forward_pre_hook(self._check_engine) if self.layers else None
+        )
         tuner = self.tuner
         tuner.forward = types.MethodType(_tuner_forward, tuner)
         tuner.update_and_allocate = self.update_and_allocate
@@ -225,6 +231,10 @@ class PeftAdaLoraDriver:
                 stacklevel=3,
             )
 
+    def _check_engine(self, _module: nn.Module, _args: Any) -> None:
+        if torch.is_grad_enabled():
+            check_training_engine(self, "af.accelerate_peft(model)")
+
     def restore(self) -> None:
         """Give the PEFT instances their own methods back (PEFT's forward, regulariser, allocator);
         the weights keep what training gave them."""
@@ -232,6 +242,9 @@ class PeftAdaLoraDriver:
             view.layer.__dict__.pop("forward", None)
         for attr in ("forward", "update_and_allocate"):
             self.tuner.__dict__.pop(attr, None)
+        if self._engine_hook is not None:
+            self._engine_hook.remove()
+            self._engine_hook = None
         if getattr(self.tuner, DRIVER_ATTR, None) is self:
             delattr(self.tuner, DRIVER_ATTR)
 

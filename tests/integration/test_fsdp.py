@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import adalora_fast as af
-from tests.helpers import LLAMA_PROJ, batches, init_gloo, launch_ranks, tiny_llama
+from tests.helpers import LLAMA_PROJ, batches, init_gloo, launch_ranks, peft_adalora, tiny_llama
 
 WORLD = 2
 GLOBAL_BATCH = 4  # rows per step; each rank takes GLOBAL_BATCH // WORLD of them
@@ -236,6 +236,11 @@ def _rank_refuse(rank: int, out: Path) -> None:
     record: dict[str, object] = {
         name: _first_step(wrap(_model(seed=rank)), rank) for name, wrap in cases.items()
     }
+    # A PEFT model accelerated in place: the same rule at its first training forward.
+    for name in PEFT_CASES:
+        pm = peft_adalora(tiny_llama(2), LLAMA_PROJ, seed=rank, total_step=SCHEDULE["total_step"])
+        af.accelerate_peft(pm)
+        record[f"PEFT in place, {name}"] = _first_step(cases[name](pm), rank)
     # use_orig_params=False cannot even wrap frozen and trained parameters together: torch refuses.
     try:
         fsdp1("NO_SHARD", use_orig_params=False)(_model(seed=rank))
@@ -523,6 +528,7 @@ def test_trainer_with_the_callback_on_the_sharded_model(tmp_path):
     assert loaded.rank_pattern == full["patterns"][RESUME_AT]
 
 
+PEFT_CASES = ("FSDP1 NO_SHARD", "no engine")
 REFUSAL_WORDS = ("adalora_fast.fully_shard", "DistributedDataParallel", "on 2 processes")
 
 
@@ -538,7 +544,7 @@ def test_engines_that_would_train_wrongly_are_refused_before_the_first_step(tmp_
     }
     for r in range(WORLD):
         record = json.loads((tmp_path / f"refuse_rank{r}.json").read_text())
-        for case, engine in engines.items():
+        for case, engine in [*engines.items(), *((f"PEFT in place, {c}", engines[c]) for c in PEFT_CASES)]:
             assert record[case] is not None, f"{case} trained"
             kind, message, where = record[case]
             assert (kind, where) == ("RuntimeError", "forward"), (case, kind, where, message)
