@@ -198,7 +198,8 @@ def fully_shard(
     (now also an ``FSDPModule``: ``set_requires_gradient_sync``, ``reshard``, ...).
 
     ``mesh``: a 1-D ``DeviceMesh`` (FSDP) or 2-D (HSDP); by default all ranks of the default process
-    group on the device type of the model's base weights. ``blocks``: the modules sharded one by one
+    group, on the base weights' device type (CUDA for a base on the CPU under NCCL; the current device,
+    ``torch.cuda.set_device``). ``blocks``: the modules sharded one by one
     (classes, class names or module names); by default the base model's ``_no_split_modules``. The
     root is sharded last. ``fsdp_kwargs`` go to every ``torch.distributed.fsdp.fully_shard`` call
     (``mp_policy``, ``reshard_after_forward``, ``offload_policy``, ...); ``ignored_params`` given there
@@ -236,11 +237,11 @@ def fully_shard(
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        device_type = (
-            "cuda"
-            if base_device is not None and base_device.type == "cuda"
-            else (base_device.type if base_device is not None else "cpu")
-        )
+        # Where the base lives, else CUDA when the process group speaks NCCL (a base loaded on the CPU
+        # goes to the GPUs as FSDP2 shards it), else the CPU (gloo).
+        device_type = base_device.type if base_device is not None and base_device.type != "cpu" else None
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     device = _mesh_device(mesh)
     with torch.no_grad():
