@@ -215,11 +215,6 @@ def fully_shard(
             f"adalora_fast.fully_shard takes the AdaLoraModel from get_adalora_model or "
             f"AdaLoraModel.from_pretrained, not {type(model).__name__} (shard before DDP / torch.compile)"
         )
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "adalora_fast.fully_shard needs torch.distributed initialised: call "
-            "torch.distributed.init_process_group() first (torchrun sets the rendezvous)"
-        )
     already = [n or "<root>" for n, m in model.named_modules() if isinstance(m, fsdp_module)]
     if already or model.__dict__.get(FULLY_SHARD_ATTR) is not None:
         raise RuntimeError(
@@ -229,9 +224,14 @@ def fully_shard(
         raise ValueError(
             "adalora_fast.fully_shard shards a model for training; this one has is_trainable=False"
         )
+    to_shard = find_blocks(model, blocks)  # checked before anything changes
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "adalora_fast.fully_shard needs torch.distributed initialised: call "
+            "torch.distributed.init_process_group() first (torchrun sets the rendezvous)"
+        )
     replicated = replicated_parameters(model)
     ignored = set(fsdp_kwargs.pop("ignored_params", None) or ()) | set(replicated)
-    to_shard = find_blocks(model, blocks)
     ignored_ids = {id(p) for p in ignored}
     base_device = next((p.device for p in model.parameters() if id(p) not in ignored_ids), None)
     if mesh is None:

@@ -135,6 +135,11 @@ def _rank_shard(rank: int, out: Path) -> None:
         "adapters": sorted({type(getattr(q, k)).__name__ for k in (*KINDS, "ranknum")}),
         "is_adalora": isinstance(model, af.AdaLoraModel),
     }
+    try:
+        af.fully_shard(model)
+        results["twice"] = None
+    except RuntimeError as e:
+        results["twice"] = str(e)
     ckpt = out / "resume_ckpt"
 
     def save_midway(step: int, opt: torch.optim.Optimizer) -> None:
@@ -390,6 +395,7 @@ def test_the_base_is_sharded_and_the_adapters_replicated(sharded_run):
         assert layout["base"] == "DTensor" and layout["embed"] == "DTensor"
         assert layout["base_local_rows"] * WORLD == layout["base_rows"]
         assert layout["adapters"] == ["Parameter"] and layout["is_adalora"]
+        assert r["twice"].startswith("adalora_fast.fully_shard: the model is already sharded"), r["twice"]
         sd = r["state_dict"]
         assert sd["dtensors"] > 0 and sd["adapter_dtensors"] == 0
 
@@ -570,6 +576,53 @@ def test_deepspeed_zero_is_refused_before_the_first_step(tmp_path):
             assert message.startswith(f"adalora_fast cannot train under {engine}"), message
             for word in REFUSAL_WORDS:
                 assert word in message, (stage, word, message)
+
+
+# ---- checks that need no process group -------------------------------------------------------------
+
+
+def test_default_blocks_are_the_decoder_layers_innermost_first():
+    from adalora_fast.integrations.fsdp import find_blocks, replicated_parameters
+
+    model = _model(seed=0)
+    blocks = find_blocks(model, None)
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 2
+    assert blocks[0] is model.model.model.layers[1]
+    assert find_blocks(model, ["model.model.layers.0"]) == [model.model.model.layers[0]]
+    layer_type = type(model.model.model.layers[0])
+    assert find_blocks(model, [layer_type]) == blocks
+    # Replicated: A, E, B and ranknum of each of the 14 adapted layers; nothing of the base.
+    replicated = replicated_parameters(model)
+    assert len(replicated) == 14 * 4
+    base_ids = {id(layer.base_layer.weight) for _, layer in model.adapted_layers}
+    assert not base_ids & {id(p) for p in replicated}
+
+
+def test_fully_shard_refuses_bad_input_before_changing_anything():
+    model = _model(seed=0)
+    with pytest.raises(TypeError, match="takes the AdaLoraModel"):
+        af.fully_shard(model.model)
+    with pytest.raises(ValueError, match="no module of the model matches blocks="):
+        af.fully_shard(model, blocks=["NoSuchLayer"])
+    with pytest.raises(TypeError, match="blocks holds 3"):
+        af.fully_shard(model, blocks=[3])
+    with pytest.raises(ValueError, match="blocks is empty"):
+        af.fully_shard(model, blocks=[])
+    plain = af.get_adalora_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 8)), af.AdaLoraConfig(target_modules=["0"], total_step=4)
+    )
+    with pytest.raises(ValueError, match="lists no _no_split_modules; name the transformer blocks"):
+        af.fully_shard(plain)
+    frozen = af.get_adalora_model(
+        tiny_llama(2), af.AdaLoraConfig(target_modules=LLAMA_PROJ, inference_mode=True)
+    )
+    with pytest.raises(ValueError, match="is_trainable=False"):
+        af.fully_shard(frozen)
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            af.fully_shard(model)
+    assert "_adalora_replicated" not in model.__dict__
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
 
 
 if __name__ == "__main__":
