@@ -44,7 +44,8 @@ def engine_name(model: object) -> tuple[str, str]:
                     "FullyShardedDataParallel", None)  # fmt: skip
     if any(hasattr(t, "ds_id") for t in tensors):
         return "DeepSpeed ZeRO-3", "partitions the adapter parameters themselves"
-    if "deepspeed" in sys.modules and getattr(sys.modules["deepspeed"], "comm", None) is not None:
+    ds_comm = getattr(sys.modules.get("deepspeed"), "comm", None)  # transformers imports deepspeed
+    if ds_comm is not None and ds_comm.is_initialized():
         return "DeepSpeed", "keeps the adapter gradients in its own partitioned buffers (p.grad is None)"
     modules = model.modules() if isinstance(model, nn.Module) else ()
     if any(getattr(t, "_fsdp_flattened", False) or not isinstance(t, nn.Parameter) for t in tensors) or (
