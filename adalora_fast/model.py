@@ -19,10 +19,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .allocator import RankAllocator, check_state, reject_sharded_adapters
-from .checkpoint import lora_export, peft_format, training_state
+from .checkpoint import CHECKPOINT_FILES, lora_export, peft_format, training_state
 from .checkpoint.files import to_cpu
 from .checkpoint.peft_format import parse_rank_pattern
 from .checkpoint.reader import read_checkpoint
+from .checkpoint.transaction import DirectoryWrite
 from .config import AdaLoraConfig
 from .distributed import check_training_engine
 from .factors import FACTORS, check_factor_shapes, expand_pattern
@@ -496,7 +497,6 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         out = Path(save_directory)
         if out.is_file():
             raise ValueError(f"save_pretrained: {out} is a file, not a directory")
-        out.mkdir(parents=True, exist_ok=True)
         alloc = self.rank_allocator
         config = self.adalora_config
         if config.total_step is None:
@@ -519,13 +519,17 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         for name in self.trained_biases:
             module, _, leaf = name.rpartition(".")
             weights.setdefault(module, {})[leaf] = to_cpu(self.model.get_parameter(name)).contiguous()
-        peft_format.write_adapter(out, cfg, weights, safe_serialization)
-        peft_format.write_model_card(out, config.base_model_name_or_path, config.task_type)
-        if alloc is None:  # an inference model has no training state; never leave an older one behind
-            training_state.remove_training_state(out)
-            return
-        held = {name: layer.held_pattern for name, layer in self.adapted_layers}
-        training_state.write_training_state(out, full, alloc.state_dict(), held, config.compact_after_final)
+        # One unit: the old checkpoint or the new one in `out`, whenever this is interrupted.
+        with DirectoryWrite(out, CHECKPOINT_FILES) as tx:
+            peft_format.write_adapter(tx, cfg, weights, safe_serialization)
+            peft_format.write_model_card(tx, config.base_model_name_or_path, config.task_type)
+            if alloc is None:  # an inference model has no training state; never leave an older one
+                training_state.remove_training_state(tx)
+            else:
+                held = {name: layer.held_pattern for name, layer in self.adapted_layers}
+                state = alloc.state_dict()
+                training_state.write_training_state(tx, full, state, held, config.compact_after_final)
+            tx.commit()
 
     @classmethod
     def from_pretrained(

@@ -4,10 +4,21 @@ model (:meth:`adalora_fast.AdaLoraModel.save_pretrained` / ``from_pretrained``) 
 back ``{module: {factor: tensor}}`` dicts, configs and allocator state dicts.
 """
 
-from .peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, parse_rank_pattern
+from .peft_format import (
+    BIN_WEIGHTS_NAME,
+    CONFIG_NAME,
+    MODEL_CARD_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    parse_rank_pattern,
+)
 from .training_state import NONFINITE_KEY, STATE_FORMAT, STATE_NAME
 
+# Every file a save writes into a checkpoint folder (each save changes them together: .transaction).
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, BIN_WEIGHTS_NAME, MODEL_CARD_NAME, STATE_NAME)
+
 __all__ = [
+    "CHECKPOINT_FILES",
     "CONFIG_NAME",
     "NONFINITE_KEY",
     "PREFIX",

@@ -1,28 +1,11 @@
-"""File helpers shared by the checkpoint writers: atomic replacement, digests, CPU copies."""
+"""File helpers shared by the checkpoint writers: digests, CPU copies."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place (a crash leaves
-    the old file, never half a new one; the temporary file is removed on errors)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def file_digest(path: Path) -> str:

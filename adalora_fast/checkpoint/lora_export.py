@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..config import AdaLoraConfig
-from .peft_format import write_adapter
+from .peft_format import BIN_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, write_adapter
+from .transaction import DirectoryWrite
 
 
 def lora_weights(factors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -77,6 +78,7 @@ def write_lora_adapter(
         "inference_mode": True,
         "modules_to_save": sorted(saved_modules) if saved_modules else None,
     }
-    path.mkdir(parents=True, exist_ok=True)
-    write_adapter(path, config, {**weights, **(saved_modules or {})})
+    with DirectoryWrite(path, (CONFIG_NAME, WEIGHTS_NAME, BIN_WEIGHTS_NAME)) as tx:
+        write_adapter(tx, config, {**weights, **(saved_modules or {})})
+        tx.commit()
     return ranks

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import AdaLoraConfig
 from ..factors import FACTORS
-from .files import atomic_write
+from .transaction import DirectoryWrite
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,27 +95,25 @@ def weights_file(path: Path) -> Path:
 
 
 def write_adapter(
-    path: Path, config: Mapping[str, Any], factors: Factors, safe_serialization: bool = True
+    tx: DirectoryWrite, config: Mapping[str, Any], factors: Factors, safe_serialization: bool = True
 ) -> None:
-    """Write the weights (``factors``: CPU tensors, kept ranks) and then the config into ``path``,
-    each file atomically; the weights file of the other format, if any, is removed afterwards (PEFT
-    would read a stale ``.safetensors`` before a new ``.bin``)."""
+    """Stage the weights (``factors``: CPU tensors, kept ranks) and the config in ``tx``; the weights
+    file of the other format, if any, goes at the commit (PEFT would read a stale ``.safetensors``
+    before a new ``.bin``)."""
     weights = {f"{PREFIX}{name}.{k}": t for name, tensors in factors.items() for k, t in tensors.items()}
+    text = json.dumps(dict(config), indent=2, sort_keys=True)  # fails before anything is written
     if safe_serialization:
-        target, other = path / WEIGHTS_NAME, path / BIN_WEIGHTS_NAME
-        atomic_write(target, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+        tx.stage(WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+        tx.remove(BIN_WEIGHTS_NAME)
     else:
-        target, other = path / BIN_WEIGHTS_NAME, path / WEIGHTS_NAME
-        atomic_write(target, lambda tmp: torch.save(weights, tmp))
-    text = json.dumps(dict(config), indent=2, sort_keys=True)
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    other.unlink(missing_ok=True)
+        tx.stage(BIN_WEIGHTS_NAME, lambda tmp: torch.save(weights, tmp))
+        tx.remove(WEIGHTS_NAME)
+    tx.stage(CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_model_card(path: Path, base_model: str | None, task_type: str | None) -> None:
-    """PEFT's model-card front matter in ``path/README.md``, unless the folder already has a README."""
-    card = path / MODEL_CARD_NAME
-    if card.exists():
+def write_model_card(tx: DirectoryWrite, base_model: str | None, task_type: str | None) -> None:
+    """Stage PEFT's model-card front matter as ``README.md``, unless the folder already has a README."""
+    if tx.exists(MODEL_CARD_NAME):
         return
     lines = ["---", f"base_model: {json.dumps(base_model or '')}", "library_name: peft"]
     if task_type in PIPELINE_TAGS:
@@ -128,7 +126,7 @@ def write_model_card(path: Path, base_model: str | None, task_type: str | None) 
         "`adalora_fast.AdaLoraModel.from_pretrained(base, path)`.\n"
     )
     text = "\n".join(lines) + "\n" + body
-    atomic_write(card, lambda tmp: Path(tmp).write_text(text))
+    tx.stage(MODEL_CARD_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_config(path: Path) -> AdaLoraConfig:

@@ -18,6 +18,7 @@ from ..config import AdaLoraConfig
 from ..factors import check_factor_shapes
 from . import peft_format
 from .training_state import TrainingState, read_training_state
+from .transaction import finish_interrupted_save
 
 
 @dataclass
@@ -108,6 +109,8 @@ def read_checkpoint(path: str | Path, trainable: bool) -> Checkpoint:
     """Read the folder ``path``: config, PEFT weights and, when ``trainable``, our training state if
     it belongs to these weights (our own ``compact_after_final`` comes back from it)."""
     root = Path(path)
+    if root.is_dir():
+        finish_interrupted_save(root)
     config = peft_format.read_config(root)
     weights, others = peft_format.read_weights(root)
     state = read_training_state(root, stacklevel=4) if trainable else None

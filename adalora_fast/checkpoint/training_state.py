@@ -30,8 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..factors import FACTORS
-from .files import atomic_write, file_digest, to_cpu
-from .peft_format import weights_file
+from .files import file_digest, to_cpu
+from .peft_format import BIN_WEIGHTS_NAME, WEIGHTS_NAME, weights_file
+from .transaction import DirectoryWrite, finish_interrupted_save
 
 STATE_NAME = "adalora_training_state.safetensors"
 STATE_FORMAT = 1
@@ -75,14 +76,14 @@ class TrainingState:
 
 
 def write_training_state(
-    path: Path,
+    tx: DirectoryWrite,
     factors: Mapping[str, Mapping[str, torch.Tensor]],
     allocator_state: Mapping[str, Any],
     held_patterns: Mapping[str, list[bool] | None],
     compact_after_final: bool,
 ) -> None:
-    """Write ``path/adalora_training_state.safetensors`` (atomically) for the adapter weights already
-    written in ``path``: the full ``factors``, an allocator :meth:`state_dict` and each module's held
+    """Stage ``adalora_training_state.safetensors`` in ``tx`` for the adapter weights staged (or already
+    present) there: the full ``factors``, an allocator :meth:`state_dict` and each module's held
     pattern."""
     tensors = {f"{name}.{k}": to_cpu(t) for name, fs in factors.items() for k, t in fs.items()}
     for key, t in allocator_state["scores"].items():
@@ -96,19 +97,30 @@ def write_training_state(
         **{k: allocator_state[k] for k in _FLAGS},
         "compact_after_final": compact_after_final,
         "loaded_patterns": dict(held_patterns),
-        "weights_sha256": file_digest(weights_file(path)),
+        "weights_sha256": file_digest(_weights_in(tx)),
     }
-    atomic_write(path / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata={"json": json.dumps(meta)}))
+    text = json.dumps(meta)  # fails before anything is written
+    tx.stage(STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata={"json": text}))
 
 
-def remove_training_state(path: Path) -> None:
-    """Delete ``path``'s training state (an inference model's save never leaves an older one behind)."""
-    (path / STATE_NAME).unlink(missing_ok=True)
+def _weights_in(tx: DirectoryWrite) -> Path:
+    """The adapter weights file the transaction leaves (staged, or already in the folder)."""
+    for name in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+        if tx.exists(name):
+            return tx.current(name)
+    return tx.current(WEIGHTS_NAME)
+
+
+def remove_training_state(tx: DirectoryWrite) -> None:
+    """Delete the folder's training state at the commit (an inference model's save never leaves an
+    older one behind)."""
+    tx.remove(STATE_NAME)
 
 
 def read_training_state(path: Path, stacklevel: int = 3) -> TrainingState | None:
     """The training state of checkpoint folder ``path``, or None when there is none or it belongs to
     other adapter weights than the folder's (then with a warning)."""
+    finish_interrupted_save(path)
     state_path, weights_path = path / STATE_NAME, weights_file(path)
     if not state_path.is_file():
         return None

@@ -159,12 +159,6 @@ class ReplicatedGradSync:
                     g.copy_(chunk.view_as(g))
             self.reductions += 1
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._pre_hook.remove()
-        self._handles = []
-
 
 def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     """``tensors`` grouped by (device, dtype), in order of first appearance."""

@@ -33,6 +33,7 @@ from .. import functional
 from ..allocator import RankAllocator
 from ..checkpoint import training_state
 from ..checkpoint.peft_format import parse_rank_pattern
+from ..checkpoint.transaction import DirectoryWrite
 from ..config import AdaLoraConfig
 from ..distributed import check_training_engine
 from ..factors import FACTORS
@@ -319,7 +320,9 @@ class PeftAdaLoraDriver:
         to the adapter weights PEFT's ``save_pretrained`` has just written there."""
         full = {n: {k: v._parameters[k].detach() for k in FACTORS} for n, v in self.layers}
         held = {n: None for n, _ in self.layers}
-        training_state.write_training_state(Path(folder), full, self.rank_allocator.state_dict(), held, False)
+        with DirectoryWrite(Path(folder), (training_state.STATE_NAME,)) as tx:
+            training_state.write_training_state(tx, full, self.rank_allocator.state_dict(), held, False)
+            tx.commit()
 
     def load_training_state(self, folder: str | Path) -> bool:
         """Restore, in place, the factors and allocator state of ``folder`` (written by
