@@ -9,6 +9,7 @@ and conversions go through :meth:`~RankAllocator.state_dict` / :meth:`~RankAlloc
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,28 @@ def check_state(
                         f"{source}: score EMA {tag} of {name}.{kind} has shape {got}, "
                         f"expected {tuple(factor_shapes[kind])}"
                     )
+
+
+def as_step(step: object, where: str) -> int:
+    """``step`` as a Python int: ints, numpy integers and 0-d integer tensors (read once, a host sync
+    for a device tensor); bools, floats and negative steps are refused naming ``where``."""
+    if isinstance(step, torch.Tensor):
+        if (
+            step.dim() != 0
+            or step.dtype.is_floating_point
+            or step.dtype.is_complex
+            or step.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"{where}: step must be an integer, got a {tuple(step.shape)} {step.dtype} tensor"
+            )
+        step = int(step.item())
+    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"{where}: step must be an integer (the 0-based optimizer step), got {step!r}")
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"{where}: step must be >= 0 (the 0-based optimizer step), got {step}")
+    return step
 
 
 def make_scorer(
@@ -144,6 +167,13 @@ class RankAllocator:
         call compacts the layers (the first call with ``step >= total_step - tfinal``): its state is
         sliced with the parameters. Passing it on every call is fine.
         """
+        step = as_step(step, "update_and_allocate")
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(
+                f"update_and_allocate({step}): the last call scored step {self.last_step}; steps must "
+                "increase (each optimizer step is scored once, with the 0-based optimizer step). To score "
+                "from an earlier step on purpose, call model.rank_allocator.reset_step() first"
+            )
         if self.layers:  # one parameter suffices: fully_shard shards all of a module group's
             name, first = self.layers[0]
             reject_sharded_adapters(((f"{name}.lora_E", first._parameters["lora_E"]),))
@@ -194,6 +224,11 @@ class RankAllocator:
         self.last_step = step
         self.budget = budget
         return budget
+
+    def reset_step(self, last_step: int | None = None) -> None:
+        """Accept any step after ``last_step`` (None: any step) at the next :meth:`update_and_allocate`,
+        keeping scores and masks: for restarting a schedule, or going back on purpose."""
+        self.last_step = None if last_step is None else as_step(last_step, "reset_step")
 
     def _require_optimizer(self, step: int, final_step: int, optimizer: torch.optim.Optimizer | None) -> None:
         if self.config.compact_after_final and optimizer is None:

@@ -142,6 +142,9 @@ def test_compaction_happens_at_the_final_step_and_later_steps_are_free():
     assert (
         model.update_and_allocate(FINAL + 2) == model.rank_allocator.target_bgt
     )  # optimizer no longer needed
+    with pytest.raises(ValueError, match=f"the last call scored step {FINAL + 2}"):
+        model.update_and_allocate(FINAL - 1, optimizer=opt)
+    model.rank_allocator.reset_step()  # going back on purpose: compacted layers still refuse it
     with pytest.raises(RuntimeError, match="compacted"):
         model.update_and_allocate(FINAL - 1, optimizer=opt)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,3 +257,59 @@ def test_counter_counts_scoring_steps_only(backend):
     counter = model.rank_allocator.nonfinite_steps
     assert counter.dtype == torch.int64 and counter.shape == ()
     assert sum(sum(p) for p in model.rank_pattern.values()) == 2 * len(model.adapted_names)
+
+
+# ---- step misuse ------------------------------------------------------------------------------------
+STEP_MISUSE = [
+    # (steps scored before, the bad step, error type, message)
+    ([0, 1], 1, ValueError, "the last call scored step 1; steps must increase"),
+    ([0, 1, 2], 1, ValueError, "the last call scored step 2"),
+    ([0, 1, 2, 3, 4, 5, 6, 7, 36, 37], 10, ValueError, "the last call scored step 37"),  # past the final
+    ([], -1, ValueError, "step must be >= 0"),
+    ([0], 3.5, TypeError, "step must be an integer"),
+    ([0], 3.0, TypeError, "step must be an integer"),
+    ([0], True, TypeError, "step must be an integer"),
+    ([0], "3", TypeError, "step must be an integer"),
+    ([0], torch.tensor(3.0), TypeError, r"step must be an integer, got a \(\) torch.float32 tensor"),
+    ([0], torch.tensor([3]), TypeError, r"got a \(1,\) torch.int64 tensor"),
+]
+
+
+@pytest.mark.parametrize(("before", "bad", "error", "message"), STEP_MISUSE)
+def test_step_misuse_is_refused_and_changes_nothing(before, bad, error, message):
+    model = scored_model("torch")
+    gen = torch.Generator().manual_seed(0)
+    run_scored_steps(model, before, gen)
+    set_grads(model, draw_grads(model, gen))
+    state, last = allocator_state(model), model.rank_allocator.last_step
+    with pytest.raises(error, match=message):
+        model.update_and_allocate(bad)
+    assert_same_state(allocator_state(model), state)
+    assert model.rank_allocator.last_step == last
+
+
+@pytest.mark.parametrize(
+    "step", [np.int64(3), np.int32(3), torch.tensor(3), torch.tensor(3, dtype=torch.int32)]
+)
+def test_integer_steps_of_other_types_are_plain_ints(step, tmp_path):
+    model = scored_model("torch")
+    gen = torch.Generator().manual_seed(0)
+    run_scored_steps(model, [0, 1], gen)
+    set_grads(model, draw_grads(model, gen))
+    model.update_and_allocate(step)
+    assert type(model.rank_allocator.last_step) is int and model.rank_allocator.last_step == 3
+    model.save_pretrained(tmp_path)  # the training state's JSON takes it
+
+
+def test_reset_step_allows_going_back_on_purpose():
+    model = scored_model("torch")
+    gen = torch.Generator().manual_seed(0)
+    run_scored_steps(model, [0, 1, 2], gen)
+    model.rank_allocator.reset_step(0)
+    run_scored_steps(model, [1], gen)
+    with pytest.raises(ValueError, match="the last call scored step 1"):
+        run_scored_steps(model, [1], gen)
+    model.rank_allocator.reset_step()
+    run_scored_steps(model, [0], gen)
+    with pytest.raises(TypeError, match="reset_step: step must be an integer"):
+        model.rank_allocator.reset_step(1.5)
