@@ -9,7 +9,9 @@ factor names and rank vocabulary are in :mod:`adalora_fast.factors`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -167,23 +169,29 @@ class AdaLoraConfig:
                 warnings.warn(f"{name}={value!r} is ignored by AdaLoRA: {why}", stacklevel=4)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field."""
-        if not isinstance(self.init_r, int) or self.init_r < 1:
+        """Raise ``ValueError`` naming the offending field. Runs at construction and again where the
+        fields are used (the model's construction, ``set_total_step``, every ``update_and_allocate``),
+        so fields changed after construction are checked too."""
+        if not _is_int(self.init_r) or self.init_r < 1:
             raise ValueError(f"init_r must be an integer >= 1, got {self.init_r!r}")
-        if not isinstance(self.target_r, int) or self.target_r < 0:
+        if not _is_int(self.target_r) or self.target_r < 0:
             raise ValueError(f"target_r must be an integer >= 0, got {self.target_r!r}")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("beta1", "beta2", "orth_reg_weight", "lora_alpha", "lora_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        if not isinstance(self.deltaT, int) or self.deltaT < 1:
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        if not _is_int(self.deltaT) or self.deltaT < 1:
             raise ValueError(f"deltaT must be an integer >= 1, got {self.deltaT!r}")
+        for name in ("target_modules", "exclude_modules"):
+            _check_module_spec(name, getattr(self, name))
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -255,7 +263,7 @@ class AdaLoraConfig:
                 raise ValueError(f"{name}={value!r} is not supported: {why}")
 
     def _validate_schedule(self, total_step: int) -> None:
-        if not isinstance(total_step, int) or total_step <= 0:
+        if not _is_int(total_step) or total_step <= 0:
             raise ValueError(f"total_step must be a positive integer, got {total_step!r}")
         if self.tinit >= total_step - self.tfinal:
             raise ValueError(
@@ -265,6 +273,7 @@ class AdaLoraConfig:
 
     def set_total_step(self, total_step: int) -> None:
         """Fill in ``total_step`` (e.g. from a trainer's planned optimizer steps) and re-validate."""
+        self.validate()
         self._validate_schedule(total_step)
         self.total_step = total_step
 
@@ -348,6 +357,25 @@ class AdaLoraConfig:
         if unknown:
             raise ValueError(f"{source}: unknown AdaLoraConfig fields {unknown} (a newer PEFT version?)")
         return cls(**d)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_module_spec(name: str, spec: Any) -> None:
+    """``target_modules`` / ``exclude_modules``: None, a regular expression (compiled here) or a list of
+    module-name suffixes."""
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{name}={spec!r} is not a valid regular expression ({err})") from None
+        return
+    if not isinstance(spec, list) or not all(isinstance(t, str) for t in spec):
+        raise ValueError(f"{name} must be a regular expression (str) or a list of module names, got {spec!r}")
 
 
 def _plain(value: Any) -> Any:

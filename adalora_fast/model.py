@@ -136,6 +136,7 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         if isinstance(config, dict) and set(config) == {adapter_name}:
             config = config[adapter_name]
         config = AdaLoraConfig.coerce(config)
+        config.validate()  # also fields changed since the config was made
         if is_trainable is None:
             is_trainable = not config.inference_mode
         self.adapter_name = adapter_name
@@ -143,6 +144,12 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         self.adalora_config = config
         self.backend = config.resolved_backend
         # PEFT's LoRA layer replication, before anything is targeted; undone if the config is refused.
+        adapted = next((n for n, m in model.named_modules() if isinstance(m, SVDLinear)), None)
+        if adapted is not None:
+            raise ValueError(
+                f"the model is already adapted by adalora_fast (module {adapted!r} is an SVDLinear): train "
+                "the AdaLoraModel that holds it, or adapt a fresh base model"
+            )
         undo = replicate_layers(model, config.layer_replication) if config.layer_replication else None
         # As PEFT's task models: the task head is trained and saved (SEQ_CLS: classifier / score).
         config.modules_to_save = modules_to_save_for(config.task_type, config.modules_to_save)
@@ -574,6 +581,12 @@ class AdaLoraModel(PeftModelApi, nn.Module):
         config.inference_mode = not is_trainable  # as PEFT sets it on load
         if backend is not None:
             config.backend = backend
+        adapted = next((n for n, m in model.named_modules() if isinstance(m, SVDLinear)), None)
+        if adapted is not None:
+            raise ValueError(
+                f"the model is already adapted by adalora_fast (module {adapted!r} is an SVDLinear): train "
+                "the AdaLoraModel that holds it, or adapt a fresh base model"
+            )
         undo = replicate_layers(model, config.layer_replication) if config.layer_replication else None
         try:
             wrapped = cls._load(model, path, ckpt, config, is_trainable)

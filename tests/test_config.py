@@ -432,3 +432,76 @@ def test_init_lora_weights_false_draws_peft_s_values():
                     getattr(layer, k), getattr(theirs[name], k)["default"], rtol=0, atol=0
                 )
         assert bool((ours.adapted_layers[0][1].lora_E != 0).any()) is (not init)
+
+
+# ---- holes: non-finite numbers, bools for ints, target specs, fields changed later, adapted models -----
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(orth_reg_weight=NAN), "orth_reg_weight must be finite"),
+        (dict(orth_reg_weight=INF), "orth_reg_weight must be finite"),
+        (dict(lora_alpha=NAN), "lora_alpha must be finite"),
+        (dict(lora_alpha=-INF), "lora_alpha must be finite"),
+        (dict(beta1=NAN), "beta1 must be finite"),
+        (dict(lora_dropout=NAN), "lora_dropout must be finite"),
+        (dict(target_r=False), "target_r must be an integer"),
+        (dict(init_r=True), "init_r must be an integer"),
+        (dict(tinit=True), "tinit must be an integer"),
+        (dict(deltaT=True), "deltaT must be an integer"),
+        (dict(total_step=True), "total_step must be a positive integer"),
+        (dict(target_modules=3), "target_modules must be a regular expression"),
+        (dict(target_modules=["q_proj", 2]), "target_modules must be a regular expression"),
+        (dict(target_modules="(q_proj"), r"target_modules='\(q_proj' is not a valid regular expression"),
+        (dict(exclude_modules="[a-"), "exclude_modules='\\[a-' is not a valid regular expression"),
+        (dict(exclude_modules={"a": 1}), "exclude_modules must be a regular expression"),
+    ],
+)
+def test_config_holes_are_refused_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        af.AdaLoraConfig(**{"target_modules": ["q_proj"], "total_step": 10, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("deltaT", 0, "deltaT must be an integer >= 1"),
+        ("orth_reg_weight", NAN, "orth_reg_weight must be finite"),
+        ("target_r", 99, r"target_r \(99\) must not exceed init_r"),
+        ("tinit", 20, r"tinit \(20\) must be < total_step - tfinal"),
+        ("target_modules", 7, "target_modules must be a regular expression"),
+    ],
+)
+def test_fields_changed_after_construction_are_checked_where_used(field, value, match):
+    from tests.helpers import LLAMA_PROJ, allocator_state, draw_grads, set_grads
+
+    def good() -> af.AdaLoraConfig:
+        return af.AdaLoraConfig(
+            target_modules=LLAMA_PROJ, init_r=4, target_r=2, tinit=1, tfinal=2, total_step=10
+        )
+
+    config = good()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=match):
+        af.get_adalora_model(tiny_llama(2), config)
+    model = af.get_adalora_model(tiny_llama(2), good())
+    setattr(model.adalora_config, field, value)
+    set_grads(model, draw_grads(model, torch.Generator().manual_seed(0)))
+    before = allocator_state(model)
+    with pytest.raises(ValueError, match=match):
+        model.update_and_allocate(0)
+    after = allocator_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match=match):
+        model.set_total_step(12)
+
+
+def test_an_adapted_model_is_refused():
+    model = af.get_adalora_model(tiny_llama(2), af.AdaLoraConfig(target_modules=["q_proj"], total_step=10))
+    with pytest.raises(
+        ValueError, match=r"already adapted by adalora_fast \(module 'model.layers.0.self_attn.q_proj'"
+    ):
+        af.get_adalora_model(model.model, af.AdaLoraConfig(target_modules=r".*q_proj.*", total_step=10))
+    assert all(not n.endswith("base_layer.base_layer") for n, _ in model.named_modules())

@@ -178,6 +178,7 @@ class RankAllocator:
             name, first = self.layers[0]
             reject_sharded_adapters(((f"{name}.lora_E", first._parameters["lora_E"]),))
         cfg = self.config
+        cfg.validate()  # fields changed since construction (a few microseconds)
         if cfg.total_step is None:
             raise ValueError(
                 "total_step is None: set AdaLoraConfig.total_step (or call model.set_total_step(n)) "
