@@ -326,8 +326,10 @@ class AdaLoraConfig:
             )
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a config (a JSON object), got a {type(d).__name__}")
         return cls.from_peft_dict({**d, **kwargs}, source=str(path))
 
     @classmethod
@@ -356,7 +358,10 @@ class AdaLoraConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"{source}: unknown AdaLoraConfig fields {unknown} (a newer PEFT version?)")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 def _is_int(value: Any) -> bool:

@@ -151,13 +151,21 @@ def read_weights(path: Path) -> tuple[Factors, dict[str, torch.Tensor]]:
         if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
             raise ValueError(f"{weights_path}: not a dict of tensors")
     else:
-        loaded = load_file(str(weights_path))
+        try:
+            loaded = load_file(str(weights_path))
+        except Exception as err:  # truncated or not a safetensors file: name the file
+            reason = f"{type(err).__name__}: {err}"
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({reason})") from None
     factors: Factors = {}
     others: dict[str, torch.Tensor] = {}
     for key, t in loaded.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{weights_path}: unexpected key {key!r} (not an AdaLoRA adapter tensor)")
         module, _, kind = key[len(PREFIX) :].rpartition(".")
+        if kind in FACTORS and not t.is_floating_point():
+            raise ValueError(
+                f"{weights_path}: {key!r} has dtype {t.dtype}; adapter factors are floating point"
+            )
         if kind in FACTORS:
             factors.setdefault(module, {})[kind] = t
         else:

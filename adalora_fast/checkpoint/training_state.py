@@ -124,10 +124,22 @@ def read_training_state(path: Path, stacklevel: int = 3) -> TrainingState | None
     state_path, weights_path = path / STATE_NAME, weights_file(path)
     if not state_path.is_file():
         return None
-    with safe_open(str(state_path), framework="pt") as f:
-        meta = json.loads(f.metadata()["json"])
+    try:
+        with safe_open(str(state_path), framework="pt") as f:
+            text = (f.metadata() or {}).get("json")
+    except Exception as err:  # truncated or not a safetensors file
+        raise ValueError(
+            f"{state_path}: not a readable safetensors file ({type(err).__name__}: {err})"
+        ) from None
+    try:
+        meta = json.loads(text) if text is not None else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{state_path}: its metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{state_path}: no training-state metadata (not written by adalora_fast?)")
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{state_path}: unknown training-state format {meta.get('format')!r}")
+    _check_meta(meta, state_path)
     if not weights_path.is_file() or meta.get("weights_sha256") != file_digest(weights_path):
         warnings.warn(
             f"{state_path.name} was saved with other adapter weights than {weights_path.name} "
@@ -136,4 +148,50 @@ def read_training_state(path: Path, stacklevel: int = 3) -> TrainingState | None
             stacklevel=stacklevel,
         )
         return None
-    return TrainingState(state_path, load_file(str(state_path)), meta)
+    tensors = read_tensor_file(state_path)
+    for key, t in tensors.items():
+        integral = key.startswith("keep.") or key == NONFINITE_KEY
+        if not integral and not t.is_floating_point():
+            raise ValueError(
+                f"{state_path}: tensor {key!r} has dtype {t.dtype}; adapter tensors are floating point"
+            )
+    return TrainingState(state_path, tensors, meta)
+
+
+# The metadata keys and their types ("compacted" and "compact_after_final" are absent in older files).
+_META = {
+    "modules": (list,),
+    "last_step": (int, type(None)),
+    "budget": (int,),
+    "masked": (bool,),
+    "finalized": (bool,),
+    "loaded_patterns": (dict,),
+    "weights_sha256": (str,),
+}
+_OPTIONAL_META = {"compacted": (bool,), "compact_after_final": (bool, type(None))}
+
+
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    """Every key the loader reads, of its type (an edited file is refused before anything changes)."""
+    for key, types in {**_META, **_OPTIONAL_META}.items():
+        if key not in meta:
+            if key in _META:
+                raise ValueError(f"{where}: its metadata lacks {key!r}")
+            continue
+        value = meta[key]
+        wrong_int = int in types and bool not in types and isinstance(value, bool)
+        if not isinstance(value, types) or wrong_int:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"{where}: metadata {key!r} must be {names}, got {value!r}")
+    if not all(isinstance(m, str) for m in meta["modules"]):
+        raise ValueError(f"{where}: metadata 'modules' must list module names")
+    if meta["last_step"] is not None and meta["last_step"] < 0 or meta["budget"] < 0:
+        raise ValueError(f"{where}: metadata 'last_step' and 'budget' must be >= 0")
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with an error naming ``path`` for a truncated or foreign file."""
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
