@@ -9,7 +9,7 @@ The matrices are reached through device tables (data pointers of the parameters 
 built by the caller and cached while the pointers do not change); the EMAs live in two flat fp32
 buffers owned by the caller. Launches per call, whatever the number of layers:
 
-1. ``_nonfinite_kernel`` (optional): sets a device flag when any gradient holds inf or NaN;
+1. ``_nonfinite_kernel`` (optional): sets a device flag when any gradient or weight holds inf or NaN;
 2. ``_importance_ema_kernel``: updates both EMAs in place (left bitwise unchanged when the flag is
    set) and writes per-(matrix, split) partial sums of ``s`` over each rank's elements;
 3. ``_triplet_kernel``: finishes the means and writes the (M, r) triplet scores.
@@ -41,17 +41,21 @@ def _launch_options() -> dict:
 
 
 @triton.jit
-def _nonfinite_kernel(g_table, numel_table, flag_ptr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _nonfinite_kernel(g_table, p_table, numel_table, flag_ptr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     mat = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.load(g_table + mat).to(tl.pointer_type(tl.float32))
+    w = tl.load(p_table + mat).to(tl.pointer_type(tl.float32))
     n = tl.load(numel_table + mat)
     per = tl.cdiv(tl.cdiv(n, BLOCK), SPLITS) * BLOCK
     bad = tl.zeros((BLOCK,), dtype=tl.int32)
     for start in range(split * per, tl.minimum(split * per + per, n), BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        x = tl.load(g + offs, mask=offs < n, other=0.0)
-        bad = tl.maximum(bad, (~(tl.abs(x) <= FLT_MAX)).to(tl.int32))  # NaN compares false
+        # |w g| is what the EMAs take in: a non-finite weight spoils it as a non-finite gradient does.
+        x = tl.abs(tl.load(g + offs, mask=offs < n, other=0.0)) + tl.abs(
+            tl.load(w + offs, mask=offs < n, other=0.0)
+        )
+        bad = tl.maximum(bad, (~(x <= FLT_MAX)).to(tl.int32))  # NaN compares false
     tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
 
 
@@ -153,7 +157,7 @@ def importance_scores_(
     """Update the EMAs of all ``3 * M`` fp32 matrices in place; return the (M, r) triplet scores.
 
     With ``nonfinite_flag`` (an int32 device scalar set to 0 by the caller) and ``numel_table``, a
-    first launch sets the flag if any gradient is not finite and the EMA update is then skipped
+    first launch sets the flag if any gradient or weight is not finite and the EMA update is then skipped
     (the scores are those of the unchanged EMAs). ``update=False`` only computes the scores of the
     current EMAs (gradients are not read; ``g_table`` may be ``p_table``).
     """
@@ -179,8 +183,8 @@ def importance_scores_(
 def _launch(p_table, g_table, layout, ema_ipt, ema_unc, partial, out, numel_table, flag,
             r, beta1, beta2, M, splits, r_pad, check_grads) -> None:  # fmt: skip
     check = flag is not None
-    if check_grads:
-        _nonfinite_kernel[(3 * M, splits)](g_table, numel_table, flag, SPLITS=splits, BLOCK=1024)
+    if check_grads:  # the gradients and the weights: either makes I = |w g| non-finite
+        _nonfinite_kernel[(3 * M, splits)](g_table, p_table, numel_table, flag, SPLITS=splits, BLOCK=1024)
     block_l = max(16, min(256, 4096 // r_pad))
     _importance_ema_kernel[(3 * M, splits)](
         p_table, g_table, layout, ema_ipt, ema_unc, partial, flag if check else partial,

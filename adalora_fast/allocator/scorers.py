@@ -72,6 +72,15 @@ class Scorer(Protocol):
     def load_layer_state(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
+def untied_threshold(threshold: torch.Tensor, scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """PEFT's threshold (ranks with ``score <= threshold`` are masked), except where every score ties
+    at it (no score update since the start: all EMAs zero), which would mask every rank whatever the
+    budget: then -inf, so that nothing is masked and at least ``budget`` ranks stay. On the device."""
+    if budget == 0:
+        return threshold
+    return torch.where(threshold < scores.max(), threshold, torch.full_like(threshold, float("-inf")))
+
+
 def reject_sharded_adapters(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
     """``NotImplementedError`` if one of the adapter parameters is a ``DTensor``: sharded by FSDP2
     (``torch.distributed.fsdp.fully_shard``) or tensor parallelism. The allocator scores and masks
@@ -155,7 +164,8 @@ class ReferenceScorer:
             self.ema_ipt = {n: {} for n in self.names}
             self.ema_unc = {n: {} for n in self.names}
         with torch.no_grad():
-            finite = grads_finite([p.grad for _, _, p in params])
+            # Weights too: a NaN weight with finite gradients would make I = |w g| NaN all the same.
+            finite = grads_finite([p.grad for _, _, p in params] + [p for _, _, p in params])
             if self.nonfinite_steps.device != finite.device:
                 self.nonfinite_steps = self.nonfinite_steps.to(finite.device)
             self.nonfinite_steps.add_(finite.logical_not())
@@ -180,7 +190,8 @@ class ReferenceScorer:
 
     def mask_to_budget(self, budget: int) -> None:
         scores = self.scores()
-        threshold = kth_smallest(torch.cat([scores[n] for n in self.names]), self.init_bgt - budget)
+        flat = torch.cat([scores[n] for n in self.names])
+        threshold = untied_threshold(kth_smallest(flat, self.init_bgt - budget), flat, budget)
         with torch.no_grad():
             for name, layer in zip(self.names, self.layers, strict=True):
                 masked = scores[name] <= threshold
@@ -397,11 +408,12 @@ class FlatScorer:
                           "lora_E": tuple(g_E.shape)}  # fmt: skip
                 self.ema_ipt = {k: g_E.new_zeros(shape) for k, shape in shapes.items()}
                 self.ema_unc = {k: g_E.new_zeros(shape) for k, shape in shapes.items()}
-            finite = self._grads_finite([run[4] for run in runs] + [g_E])
+            weights = [self._cat(kind, idx, grads=False) for kind, idx, _, _, _ in runs]
+            # Weights too: a NaN weight with finite gradients would make I = |w g| NaN all the same.
+            finite = self._grads_finite([run[4] for run in runs] + [g_E, *weights, self.flat_E])
             self._count_nonfinite(finite)
             coeffs = self._coefficients(finite, g_E)
-            for kind, idx, lo, hi, g in runs:
-                p = self._cat(kind, idx, grads=False)
+            for (kind, _, lo, hi, g), p in zip(runs, weights, strict=True):
                 ema, unc = self.ema_ipt[kind], self.ema_unc[kind]
                 if kind == "lora_A":
                     self._ema_step(p, g, ema[:, lo:hi], unc[:, lo:hi], coeffs)
@@ -452,7 +464,8 @@ class FlatScorer:
     def mask_to_budget(self, budget: int) -> None:
         with torch.no_grad():
             scores = self.scores()
-            threshold = kth_smallest(scores.reshape(-1), self.init_bgt - budget)
+            flat = scores.reshape(-1)
+            threshold = untied_threshold(kth_smallest(flat, self.init_bgt - budget), flat, budget)
             # PEFT masks `score <= threshold` and keeps the rest (NaN scores are kept, as in PEFT).
             torch.logical_not(torch.le(scores, threshold), out=self.keep)
             self.apply_keep()

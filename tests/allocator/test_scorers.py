@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from adalora_fast.allocator import FlatScorer, ReferenceScorer
+from adalora_fast.allocator import FlatScorer, RankAllocator, ReferenceScorer
 from tests.helpers import (
     KINDS,
     SCORER_BACKENDS,
@@ -18,6 +18,7 @@ from tests.helpers import (
     allocator_state,
     assert_same_state,
     draw_grads,
+    kernel_devices,
     poisoned,
     random_grads,
     run_scored_steps,
@@ -206,3 +207,58 @@ def test_nonfinite_skip_has_no_host_sync_on_gpu(step):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert model.nonfinite_score_steps() == 1
+
+
+# ---- non-finite weights, and a mask step with no score update since the start --------------------------
+def _any_scorer(backend: str):
+    """``scored_model`` with the torch, reference or Triton (interpreter on the CPU) scorer."""
+    if backend != "triton":
+        return scored_model(backend)
+    pytest.importorskip("adalora_fast.kernels.importance_ema")
+    if "cpu" not in kernel_devices():
+        pytest.skip("the Triton scorer runs on the CPU under TRITON_INTERPRET=1 only")
+    from adalora_fast.allocator.triton_scorer import TritonScorer
+
+    model = scored_model("torch")
+    model.rank_allocator = RankAllocator(model.adapted_layers, model.adalora_config, backend="triton")
+    assert type(model.rank_allocator.scorer) is TritonScorer
+    return model
+
+
+@pytest.mark.parametrize("backend", [*SCORER_BACKENDS, "triton"])
+@pytest.mark.parametrize("where", KINDS)
+def test_a_non_finite_weight_skips_the_step_as_a_non_finite_gradient_does(backend, where):
+    model = _any_scorer(backend)
+    gen = torch.Generator().manual_seed(1)
+    run_scored_steps(model, range(3), gen)
+    layer = model.adapted_layers[3][1]
+    before = {k: v.clone() for k, v in model.rank_allocator.scorer.layer_state().items()}
+    with torch.no_grad():
+        getattr(layer, where).view(-1)[1] = float("nan")
+    set_grads(model, draw_grads(model, gen))  # finite gradients
+    model.update_and_allocate(3)
+    after = model.rank_allocator.scorer.layer_state()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # EMAs bitwise unchanged, no NaN
+    assert model.nonfinite_score_steps() == 1
+
+
+@pytest.mark.parametrize("backend", [*SCORER_BACKENDS, "triton"])
+def test_a_mask_step_without_any_score_update_masks_nothing(backend):
+    """Every step before the first mask step skipped (GradScaler's warm-up): the EMAs are all zero, every
+    score ties; PEFT's threshold would mask every rank. Nothing is masked instead, deterministically."""
+    model = _any_scorer(backend)
+    gen = torch.Generator().manual_seed(3)
+    alloc = model.rank_allocator
+    for step in range(alloc.config.total_step - alloc.config.tfinal):
+        set_grads(model, poisoned(model, draw_grads(model, gen), "lora_A", float("inf")))
+        budget = model.update_and_allocate(step)
+        if alloc.masked:
+            break
+    assert alloc.masked and budget < alloc.init_bgt
+    assert model.nonfinite_score_steps() == step + 1
+    kept = sum(map(sum, model.rank_pattern.values()))
+    assert kept == alloc.init_bgt >= budget
+    assert all(bool(layer.lora_E.ne(0).all()) for _, layer in model.adapted_layers)
+    # A budget of 0 still masks everything (target_r=0 asks for it).
+    alloc.scorer.mask_to_budget(0)
+    assert sum(map(sum, model.rank_pattern.values())) == 0
