@@ -23,10 +23,15 @@ USER_SYNC_ATTR = "gradients_synchronised_by_user"
 FULLY_SHARD_ATTR = "_adalora_replicated"
 
 
-def ddp_forward_active() -> bool:
-    """True inside ``DistributedDataParallel.forward`` (DDP records its active module for dynamo)."""
+def _active_ddp() -> nn.Module | None:
+    """The DDP module whose forward is running (DDP records it for dynamo), or None."""
     ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
-    return ddp is not None and getattr(ddp, "_active_ddp_module", None) is not None
+    return None if ddp is None else getattr(ddp, "_active_ddp_module", None)
+
+
+def ddp_forward_active() -> bool:
+    """True inside ``DistributedDataParallel.forward``."""
+    return _active_ddp() is not None
 
 
 def _is_dtensor(t: object) -> bool:
@@ -73,7 +78,19 @@ def check_training_engine(model: object, name: str = "model") -> None:
     if model.__dict__.get(FULLY_SHARD_ATTR) is not None or model.__dict__.get(USER_SYNC_ATTR, False):
         return
     world = dist.get_world_size()
-    if world == 1 or ddp_forward_active():
+    if world == 1:
+        return
+    ddp = _active_ddp()
+    if ddp is not None:
+        join = getattr(ddp, "_join_config", None)
+        if join is not None and join.enable and not join.throw_on_early_termination:
+            raise RuntimeError(
+                "adalora_fast cannot train under DDP's Join context (uneven inputs): a rank that runs out of "
+                "data stops calling optimizer.step() and update_and_allocate while the others go on, so "
+                "the ranks' rank masks and adapters drift apart. Give every rank the same number of "
+                "batches (a DistributedSampler with drop_last=True), or use "
+                "Join([model], throw_on_early_termination=True) to stop all ranks together"
+            )
         return
     engine, what = engine_name(model)
     raise RuntimeError(

@@ -505,3 +505,18 @@ def test_an_adapted_model_is_refused():
     ):
         af.get_adalora_model(model.model, af.AdaLoraConfig(target_modules=r".*q_proj.*", total_step=10))
     assert all(not n.endswith("base_layer.base_layer") for n, _ in model.named_modules())
+
+
+@pytest.mark.parametrize(
+    "targets, module, kind",
+    [
+        (["input_layernorm"], "model.layers.0.input_layernorm", "LlamaRMSNorm"),
+        (["embed_tokens"], "model.embed_tokens", "Embedding"),
+        (r".*\.norm", "model.norm", "LlamaRMSNorm"),
+    ],
+)
+def test_a_target_we_cannot_adapt_is_refused_by_name(targets, module, kind):
+    base = tiny_llama(2)
+    with pytest.raises(ValueError, match=f"target module '{module}': unsupported base layer {kind}"):
+        af.get_adalora_model(base, af.AdaLoraConfig(target_modules=targets, total_step=10))
+    assert not any(type(m).__name__ == "SVDLinear" for m in base.modules())

@@ -8,6 +8,7 @@ rendezvous, a timeout on every collective and on the whole launch).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -73,10 +74,38 @@ def _rank_ddp(rank: int, out: Path) -> None:
     torch.save(result, out / f"ddp_rank{rank}.pt")
 
 
+def _rank_join(rank: int, out: Path) -> None:
+    """Uneven inputs (8 batches on rank 0, 5 on rank 1) under DDP's Join: refused at the first forward;
+    with throw_on_early_termination=True every rank stops at the same step, alike."""
+    from torch.distributed.algorithms.join import Join
+
+    record: dict[str, object] = {}
+    data = batches(8 if rank == 0 else 5, batch=2, seq=SEQ)
+    for throw in (False, True):
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=LR)
+        steps = 0
+        try:
+            with Join([ddp], throw_on_early_termination=throw):
+                for step, x in enumerate(data):
+                    ddp(input_ids=x, labels=x).loss.backward()
+                    opt.step()
+                    af.update_and_allocate(ddp, step)
+                    opt.zero_grad()
+                    steps += 1
+            record[str(throw)] = [None, steps]
+        except RuntimeError as e:
+            record[str(throw)] = [str(e), steps]
+        record[f"{throw} last_step"] = model.rank_allocator.last_step
+        record[f"{throw} weights"] = {n: w.tolist() for n, w in _adapter_weights(model).items()}
+    (out / f"join_rank{rank}.json").write_text(json.dumps(record))
+
+
 def _rank_main(scenario: str, rank: int, store: str, out: Path) -> None:
     init_gloo(rank, WORLD, store)
     try:
-        {"ddp": _rank_ddp}[scenario](rank, out)
+        {"ddp": _rank_ddp, "join": _rank_join}[scenario](rank, out)
     finally:
         dist.destroy_process_group()
 
@@ -122,6 +151,22 @@ def test_ddp_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(
             ranks[0]["weights"][n], w, rtol=1e-5, atol=1e-7, msg=lambda s, n=n: f"{n}: {s}"
         )
+
+
+def test_uneven_inputs_under_join_are_refused_or_stop_every_rank_alike(tmp_path):
+    _launch("join", tmp_path)
+    ranks = [json.loads((tmp_path / f"join_rank{r}.json").read_text()) for r in range(WORLD)]
+    for record in ranks:
+        message, steps = record["False"]
+        assert steps == 0 and message.startswith("adalora_fast cannot train under DDP's Join context"), (
+            message
+        )
+        assert "throw_on_early_termination=True" in message
+        assert record["False last_step"] is None
+        message, steps = record["True"]
+        assert steps == 5 and "exhausted" in message, (steps, message)  # DDP's own error, on every rank
+    assert ranks[0]["True last_step"] == ranks[1]["True last_step"] == 4
+    assert ranks[0]["True weights"] == ranks[1]["True weights"]
 
 
 if __name__ == "__main__":
