@@ -75,8 +75,6 @@ def check_training_engine(model: object, name: str = "model") -> None:
     than DDP or ``adalora_fast.fully_shard``. Host cost on one process: one C call."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if model.__dict__.get(FULLY_SHARD_ATTR) is not None or model.__dict__.get(USER_SYNC_ATTR, False):
-        return
     world = dist.get_world_size()
     if world == 1:
         return
@@ -91,6 +89,8 @@ def check_training_engine(model: object, name: str = "model") -> None:
                 "batches (a DistributedSampler with drop_last=True), or use "
                 "Join([model], throw_on_early_termination=True) to stop all ranks together"
             )
+        return
+    if model.__dict__.get(FULLY_SHARD_ATTR) is not None or model.__dict__.get(USER_SYNC_ATTR, False):
         return
     engine, what = engine_name(model)
     raise RuntimeError(

@@ -93,6 +93,9 @@ class Ours:
         return getattr(self.modules[module], kind)
 
     def __call__(self, step: int = STEP) -> None:
+        # The same step again on purpose (a steady-state mask step): update_and_allocate refuses a
+        # repeated step unless told so, as PEFT's counts it twice.
+        self.allocator.reset_step()
         self.allocator.update_and_allocate(step)
 
     def emas(self) -> dict[tuple[str, str, str], torch.Tensor]:

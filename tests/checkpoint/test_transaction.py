@@ -166,28 +166,41 @@ def test_a_foreign_commit_record_is_refused_naming_the_file(tmp_path):
 
 
 def _kill_harness(folder: Path, kills: int) -> None:
-    """Fork a child saving checkpoints A and B in turn for ever; SIGKILL it at a random moment; load the
-    folder (trainable and for inference) and record which checkpoint it holds. ``kills`` times."""
+    """Fork a child saving the checkpoint the folder does not hold, then both in turn, for ever; SIGKILL it
+    at a random moment within about two saves; load the folder (trainable and for inference) and record
+    which checkpoint it holds. ``kills`` times."""
     torch.set_num_threads(1)  # no thread pool in the parent: forking stays safe
     models = {"A": _trained(6), "B": _trained(10, seed=1)}
     refs = {k: _references(m, folder.parent / f"clean_{k}") for k, m in models.items()}
     assert refs["A"][False]["pattern"] != refs["B"][False]["pattern"]
     models["A"].save_pretrained(folder)
+    other = {"A": "B", "B": "A"}
+
+    def child(first: str, forever: bool) -> None:  # in the forked child: save, never return
+        try:
+            k = first
+            while True:
+                models[k].save_pretrained(folder)
+                if not forever:
+                    break
+                k = other[k]
+        finally:
+            os._exit(0)
+
+    # One save in a fresh child, fork included (page faults make it slower than in the parent).
     start = time.perf_counter()
-    for k in "BA" * 5:
-        models[k].save_pretrained(folder)
-    save_s = (time.perf_counter() - start) / 10
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            child("A", forever=False)
+        os.waitpid(pid, 0)
+    save_s = (time.perf_counter() - start) / 4
     rng = random.Random(0)
-    found, strays = [], 0
+    found, strays, current = [], 0, "A"
     for _ in range(kills):
         pid = os.fork()
-        if pid == 0:  # the child: save for ever
-            try:
-                while True:
-                    for k in "BA":
-                        models[k].save_pretrained(folder)
-            finally:
-                os._exit(1)
+        if pid == 0:  # saves the other checkpoint first, then both in turn
+            child(other[current], forever=True)
         time.sleep(rng.uniform(0.0, 2.5 * save_s))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -197,6 +210,7 @@ def _kill_harness(folder: Path, kills: int) -> None:
             got = _loaded(folder, trainable)
             seen.append(next((k for k in "AB" if _same(got, refs[k][trainable], with_state=trainable)), None))
         found.append(seen)
+        current = seen[0] or current
     models["A"].save_pretrained(folder)
     left = [p.name for p in transaction.stray_temporaries(folder)]
     result = {"found": found, "strays_seen": strays, "left_after_save": left, "save_ms": save_s * 1e3}
