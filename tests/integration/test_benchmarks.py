@@ -215,3 +215,23 @@ def test_training_providers_adapt_every_projection_and_give_finite_losses(bench)
     assert all(math.isfinite(float(x)) for s in steps.values() for x in s.losses)
     ok, desc = b.parity(steps, torch.float32, n_steps=3)
     assert ok and "over the first 6 steps" in desc, desc
+
+
+def test_host_path_benchmark_counts_launches_and_writes_its_rows(tmp_path):
+    """bench_host_path.py in a fresh process (it stubs Triton's launches before the kernels import):
+    one row per provider, the fused path launching kernels, the torch path and F.linear none."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "bench_host_path.py"), "--iters", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "GOAL host fused fwd+bwd" in proc.stdout
+    with (tmp_path / "cpu_host_path.csv").open(newline="") as f:
+        rows = {row["provider"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"fused", "torch", "linear"}
+    assert int(rows["fused"]["launches"]) > 0
+    assert int(rows["torch"]["launches"]) == int(rows["linear"]["launches"]) == 0
+    assert all(float(row["host_us"]) > 0 and int(row["aten_ops"]) > 0 for row in rows.values())
