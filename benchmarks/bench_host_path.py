@@ -91,8 +91,9 @@ def measure(fns: dict[str, Callable[[], None]], iters: int) -> dict[str, dict[st
         fn()  # warm: first-call set-up is not the steady state
         LAUNCHES.clear()
         fn()
+        launches = len(LAUNCHES)
         aten, _ = harness.op_counts(fn)
-        out[name] = {"launches": len(LAUNCHES), "aten_ops": aten, "samples": []}
+        out[name] = {"launches": launches, "aten_ops": aten, "samples": []}
     for _ in range(iters):  # interleaved rounds: a shared machine's drift hits every provider alike
         for name, fn in fns.items():
             start = time.perf_counter()
