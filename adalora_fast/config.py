@@ -379,7 +379,7 @@ def _check_module_spec(name: str, spec: Any) -> None:
         except re.error as err:
             raise ValueError(f"{name}={spec!r} is not a valid regular expression ({err})") from None
         return
-    if not isinstance(spec, list) or not all(isinstance(t, str) for t in spec):
+    if not isinstance(spec, (list, tuple, set)) or not all(isinstance(t, str) for t in spec):
         raise ValueError(f"{name} must be a regular expression (str) or a list of module names, got {spec!r}")
 
 
