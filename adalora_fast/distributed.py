@@ -11,6 +11,7 @@ process under anything else is refused before the first optimizer step.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import torch
@@ -37,6 +38,43 @@ def ddp_forward_active() -> bool:
 def _is_dtensor(t: object) -> bool:
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     return dtensor is not None and isinstance(t, dtensor)
+
+
+# Set on a DDP module: the Join config found left over from a Join block that has ended.
+_STALE_JOIN_ATTR = "_adalora_stale_join_config"
+
+
+def _join_alive(ddp: nn.Module) -> bool:
+    """True while a ``torch.distributed.algorithms.join.Join`` object holding ``ddp`` exists. A ``with
+    Join([ddp]):`` statement holds its Join only until the block ends (nothing else refers to it)."""
+    join_cls = getattr(sys.modules.get("torch.distributed.algorithms.join"), "Join", None)
+    if join_cls is None:
+        return False
+    for holder in gc.get_referrers(ddp):  # Join._joinables, the list that names ddp
+        if isinstance(holder, list) and any(
+            isinstance(owner, join_cls) or (isinstance(owner, dict) and owner.get("_joinables") is holder)
+            for owner in gc.get_referrers(holder)
+        ):
+            return True
+    return False
+
+
+def _inside_uneven_join(ddp: nn.Module) -> bool:
+    """True inside a DDP ``Join`` block that lets ranks run out of data one by one.
+
+    ``Join`` sets ``ddp._join_config`` when it is built and never resets it, so the config alone cannot
+    tell a running block from one that ended (say an evaluation under ``Join`` before training). Whether
+    the Join still exists tells; a config found with no Join left is remembered, so that look (a walk of
+    the garbage collector's referrers) runs once per Join."""
+    join = getattr(ddp, "_join_config", None)
+    if join is None or not join.enable or join.throw_on_early_termination:
+        return False
+    if ddp.__dict__.get(_STALE_JOIN_ATTR) is join:
+        return False
+    if _join_alive(ddp):
+        return True
+    ddp.__dict__[_STALE_JOIN_ATTR] = join
+    return False
 
 
 def engine_name(model: object) -> tuple[str, str]:
@@ -80,8 +118,7 @@ def check_training_engine(model: object, name: str = "model") -> None:
         return
     ddp = _active_ddp()
     if ddp is not None:
-        join = getattr(ddp, "_join_config", None)
-        if join is not None and join.enable and not join.throw_on_early_termination:
+        if _inside_uneven_join(ddp):
             raise RuntimeError(
                 "adalora_fast cannot train under DDP's Join context (uneven inputs): a rank that runs out of "
                 "data stops calling optimizer.step() and update_and_allocate while the others go on, so "

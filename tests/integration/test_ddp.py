@@ -76,7 +76,8 @@ def _rank_ddp(rank: int, out: Path) -> None:
 
 def _rank_join(rank: int, out: Path) -> None:
     """Uneven inputs (8 batches on rank 0, 5 on rank 1) under DDP's Join: refused at the first forward;
-    with throw_on_early_termination=True every rank stops at the same step, alike."""
+    with throw_on_early_termination=True every rank stops at the same step, alike; training after a
+    Join block has ended is not refused."""
     from torch.distributed.algorithms.join import Join
 
     record: dict[str, object] = {}
@@ -99,6 +100,16 @@ def _rank_join(rank: int, out: Path) -> None:
             record[str(throw)] = [str(e), steps]
         record[f"{throw} last_step"] = model.rank_allocator.last_step
         record[f"{throw} weights"] = {n: w.tolist() for n, w in _adapter_weights(model).items()}
+        if not throw:
+            # The refused block has ended, but Join never resets ddp._join_config: training the same
+            # DDP module on even inputs after the block is not refused.
+            assert ddp._join_config.enable
+            for step, x in enumerate(batches(3, batch=2, seq=SEQ)):
+                ddp(input_ids=x, labels=x).loss.backward()
+                opt.step()
+                af.update_and_allocate(ddp, step)
+                opt.zero_grad()
+            record["after block weights"] = {n: w.tolist() for n, w in _adapter_weights(model).items()}
     (out / f"join_rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -167,6 +178,7 @@ def test_uneven_inputs_under_join_are_refused_or_stop_every_rank_alike(tmp_path)
         assert steps == 5 and "exhausted" in message, (steps, message)  # DDP's own error, on every rank
     assert ranks[0]["True last_step"] == ranks[1]["True last_step"] == 4
     assert ranks[0]["True weights"] == ranks[1]["True weights"]
+    assert ranks[0]["after block weights"] == ranks[1]["after block weights"]
 
 
 if __name__ == "__main__":
