@@ -216,11 +216,10 @@ class PeftAdaLoraDriver:
                 self.peft_forward_layers[name] = str(err)
                 continue
             layer.forward = types.MethodType(_fused_layer_forward(self), layer)
-        # The engine check at the first adapted layer: PeftModel.forward without a task type calls the
-        # transformers model directly, past the tuner's forward.
-        self._engine_hook = (
-            self.layers[0][1].layer.register_forward_pre_hook(self._check_engine) if self.layers else None
-        )
+        # The engine check at the transformers model's forward: every PeftModel.forward reaches it (one
+        # without a task type calls it directly, past the tuner's forward), and activation checkpointing
+        # never reruns it in backward, where no DDP forward is running.
+        self._engine_hook = self.model.register_forward_pre_hook(self._check_engine)
         tuner = self.tuner
         tuner.forward = types.MethodType(_tuner_forward, tuner)
         tuner.update_and_allocate = self.update_and_allocate
@@ -233,7 +232,8 @@ class PeftAdaLoraDriver:
             )
 
     def _check_engine(self, _module: nn.Module, _args: Any) -> None:
-        if torch.is_grad_enabled():
+        # Not in backward: a whole model under activation checkpointing reruns its forward there.
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
             check_training_engine(self, "af.accelerate_peft(model)")
 
     def restore(self) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import adalora_fast as af
-from tests.helpers import LLAMA_PROJ, batches, init_gloo, launch_ranks, tiny_llama
+from tests.helpers import LLAMA_PROJ, batches, init_gloo, launch_ranks, peft_adalora, tiny_llama
 
 WORLD = 2
 GLOBAL_BATCH = 4  # rows per step; each rank takes GLOBAL_BATCH // WORLD of them
@@ -113,10 +113,30 @@ def _rank_join(rank: int, out: Path) -> None:
     (out / f"join_rank{rank}.json").write_text(json.dumps(record))
 
 
+def _rank_peft_checkpointing(rank: int, out: Path) -> None:
+    """A PEFT model accelerated in place, with gradient checkpointing, under DDP: the engine check at the
+    first adapted layer must not fire again when checkpointing reruns that layer inside backward."""
+    pm = peft_adalora(tiny_llama(2).train(), LLAMA_PROJ, total_step=SCHEDULE["total_step"])
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    af.accelerate_peft(pm)
+    ddp = torch.nn.parallel.DistributedDataParallel(pm)
+    opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=LR)
+    per_rank = GLOBAL_BATCH // WORLD
+    for step, x in enumerate(batches(3, batch=GLOBAL_BATCH, seq=SEQ)):
+        x = x[rank * per_rank : (rank + 1) * per_rank]
+        ddp(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    assert pm.base_model.model.model.gradient_checkpointing and pm.training
+    weights = {n: p.detach().tolist() for n, p in pm.named_parameters() if p.requires_grad}
+    (out / f"peft_ckpt_rank{rank}.json").write_text(json.dumps(weights))
+
+
 def _rank_main(scenario: str, rank: int, store: str, out: Path) -> None:
     init_gloo(rank, WORLD, store)
     try:
-        {"ddp": _rank_ddp, "join": _rank_join}[scenario](rank, out)
+        {"ddp": _rank_ddp, "join": _rank_join, "peft_ckpt": _rank_peft_checkpointing}[scenario](rank, out)
     finally:
         dist.destroy_process_group()
 
@@ -179,6 +199,12 @@ def test_uneven_inputs_under_join_are_refused_or_stop_every_rank_alike(tmp_path)
     assert ranks[0]["True last_step"] == ranks[1]["True last_step"] == 4
     assert ranks[0]["True weights"] == ranks[1]["True weights"]
     assert ranks[0]["after block weights"] == ranks[1]["after block weights"]
+
+
+def test_peft_model_accelerated_in_place_with_gradient_checkpointing_trains_under_ddp(tmp_path):
+    _launch("peft_ckpt", tmp_path)
+    ranks = [json.loads((tmp_path / f"peft_ckpt_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0] and ranks[0] == ranks[1]
 
 
 if __name__ == "__main__":
