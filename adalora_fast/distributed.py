@@ -35,7 +35,13 @@ def ddp_forward_active() -> bool:
     return _active_ddp() is not None
 
 
-def _is_dtensor(t: object) -> bool:
+def dtensor_possible() -> bool:
+    """False while ``torch.distributed.tensor`` was never imported: no DTensor can exist then."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None) is not None
+
+
+def is_dtensor(t: object) -> bool:
+    """``isinstance(t, DTensor)`` without importing ``torch.distributed.tensor``."""
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     return dtensor is not None and isinstance(t, dtensor)
 
@@ -98,7 +104,7 @@ def engine_name(model: object) -> tuple[str, str]:
             "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, any sharding strategy)",
             "flattens the adapters into its FlatParameters",
         )
-    if any(_is_dtensor(t) for t in tensors):
+    if any(is_dtensor(t) for t in tensors):
         return (
             "FSDP2 with the adapters sharded (a plain torch fully_shard(model), or accelerate's / "
             "Trainer's FSDP2 plugin)",

@@ -17,13 +17,13 @@ counted in ``nonfinite_steps``). :func:`~adalora_fast.allocator.rank_allocator.m
 from __future__ import annotations
 
 import operator
-import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
 
+from ..distributed import dtensor_possible, is_dtensor
 from ..factors import FACTORS, AdapterLayer, missing_grad_error
 from ..reference import grads_finite, kth_smallest, triplet_scores, update_importance_
 
@@ -75,10 +75,14 @@ class Scorer(Protocol):
 def untied_threshold(threshold: torch.Tensor, scores: torch.Tensor, budget: int) -> torch.Tensor:
     """PEFT's threshold (ranks with ``score <= threshold`` are masked), except where every score ties
     at it (no score update since the start: all EMAs zero), which would mask every rank whatever the
-    budget: then -inf, so that nothing is masked and at least ``budget`` ranks stay. On the device."""
+    budget: then -inf, so that nothing is masked and at least ``budget`` ranks stay. The tie is judged
+    on the non-NaN scores (a NaN score is never masked, as in PEFT, and must not hide the others). On
+    the device."""
     if budget == 0:
         return threshold
-    return torch.where(threshold < scores.max(), threshold, torch.full_like(threshold, float("-inf")))
+    inf = float("inf")
+    top = scores.nan_to_num(nan=-inf, posinf=inf, neginf=-inf).max()
+    return torch.where(threshold < top, threshold, torch.full_like(threshold, -inf))
 
 
 def reject_sharded_adapters(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -87,11 +91,10 @@ def reject_sharded_adapters(named_params: Iterable[tuple[str, torch.Tensor]]) ->
     whole A, E, B matrices across all layers (every ``lora_E`` a view of one flat buffer it owns), which
     it cannot do on shards. Host cost: one dict lookup while ``torch.distributed.tensor`` was never
     imported (no DTensor can exist then), else one ``isinstance`` per parameter given."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None:
+    if not dtensor_possible():
         return
     for name, p in named_params:
-        if isinstance(p, dtensor):
+        if is_dtensor(p):
             raise NotImplementedError(
                 f"{name} is sharded (a DTensor): adalora_fast does not support FSDP2 "
                 "(torch.distributed.fsdp.fully_shard) or tensor parallelism on its adapters; the rank "
