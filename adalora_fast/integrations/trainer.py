@@ -237,6 +237,16 @@ class AdaLoraCallback(TrainerCallback):
                 "steps: the budget schedule follows total_step (leave it None to take the Trainer's)",
                 stacklevel=2,
             )
+        last = adalora.rank_allocator.last_step
+        if last is not None and last >= state.global_step:
+            # Refused here, before the first optimizer step, rather than by update_and_allocate after it.
+            raise ValueError(
+                f"AdaLoraCallback: the model's allocator last scored step {last} (a trainable checkpoint "
+                f"loaded with from_pretrained?), but this Trainer starts at step {state.global_step}. To "
+                "continue that run, pass trainer.train(resume_from_checkpoint=...); to fine-tune again "
+                "from the checkpoint with a new schedule, call model.rank_allocator.reset_step() (and "
+                "model.set_total_step(n) for the new plan) before trainer.train()"
+            )
         if config.compact_after_final:
             raise ValueError(
                 "AdaLoraCallback: compact_after_final=True is not supported under Trainer (its checkpoints "

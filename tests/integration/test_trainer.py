@@ -217,3 +217,26 @@ def test_callback_with_a_model_it_cannot_drive_is_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="needs an adalora_fast.AdaLoraModel or a PEFT AdaLoRA model; found "
                        "LlamaForCausalLM"):  # fmt: skip
         trainer.train()
+
+
+def test_fine_tuning_again_from_a_trainable_checkpoint_needs_reset_step(tmp_path):
+    """A trained adapter loaded with is_trainable=True under a new Trainer (not resume_from_checkpoint):
+    refused before the first optimizer step, naming reset_step; after reset_step the new schedule runs
+    from step 0 to the target budget."""
+    model = _model()
+    Trainer(model=model, args=_args(tmp_path / "a", max_steps=6, save_strategy="no"),
+            train_dataset=TokenDataset(24), callbacks=[af.AdaLoraCallback()]).train()  # fmt: skip
+    model.save_pretrained(tmp_path / "adapter")
+    again = af.AdaLoraModel.from_pretrained(tiny_llama(2), tmp_path / "adapter", is_trainable=True)
+    assert again.rank_allocator.last_step == 5
+    before = {n: p.detach().clone() for n, p in again.named_parameters() if p.requires_grad}
+    trainer = Trainer(model=again, args=_args(tmp_path / "b", max_steps=8, save_strategy="no"),
+                      train_dataset=TokenDataset(32, seed=5), callbacks=[af.AdaLoraCallback()])  # fmt: skip
+    with pytest.raises(ValueError, match=r"last scored step 5.*starts at step 0.*reset_step\(\)"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in again.named_parameters() if p.requires_grad)
+    again.rank_allocator.reset_step()
+    again.set_total_step(8)
+    trainer.train()
+    assert again.rank_allocator.last_step == 7 and again.rank_allocator.finalized
+    assert sum(again.kept_ranks().values()) == SCHEDULE["target_r"] * len(again.adapted_names)
