@@ -7,6 +7,7 @@ and driver are *not* counted), and the shapes are tiny (16 tokens, 64 -> 64, r 1
 ATen glue costs its dispatch, not its arithmetic. Providers, side by side in one run:
 
 - ``fused``: ``kernels/svd_linear.py``'s eager path (the autograd Function and its kernels, stubbed);
+- ``fused_fold``: the same with ``ADALORA_FAST_FOLD_DLAMBDA`` (d(lambda) reduced in the dQ kernel);
 - ``torch``: our PyTorch path (``functional.svd_linear`` with ``backend="torch"``, PEFT's op order);
 - ``linear``: ``F.linear`` with a frozen weight, the goal's yardstick (a frozen nn.Linear's fwd+bwd).
 
@@ -63,6 +64,7 @@ def stub_triton_launches() -> None:
 def providers() -> dict[str, Callable[[], None]]:
     """One fwd+bwd closure per provider, on the same tensors (x and the factors train, W is frozen)."""
     from adalora_fast.kernels import svd_linear as kernel
+    from adalora_fast.kernels import xt_s
 
     from adalora_fast import functional
 
@@ -76,13 +78,20 @@ def providers() -> dict[str, Callable[[], None]]:
     def fused() -> None:
         kernel.svd_linear(x, weight, None, *factors, ranknum, 2.0).backward(dy)
 
+    def fused_fold() -> None:  # ADALORA_FAST_FOLD_DLAMBDA=1: d(lambda) inside the dQ kernel
+        fold, xt_s.FOLD_DLAMBDA = xt_s.FOLD_DLAMBDA, True
+        try:
+            fused()
+        finally:
+            xt_s.FOLD_DLAMBDA = fold
+
     def torch_path() -> None:
         functional.svd_linear(x, weight, None, *factors, ranknum, 2.0, backend="torch").backward(dy)
 
     def linear() -> None:
         torch.nn.functional.linear(x, weight).backward(dy)
 
-    return {"fused": fused, "torch": torch_path, "linear": linear}
+    return {"fused": fused, "fused_fold": fused_fold, "torch": torch_path, "linear": linear}
 
 
 def measure(fns: dict[str, Callable[[], None]], iters: int) -> dict[str, dict[str, float]]:

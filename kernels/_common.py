@@ -160,9 +160,15 @@ def target_programs(device: torch.device) -> int:
     return 4
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the tensors' (multi-GPU models)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' (multi-GPU models). No device
+    switch (two driver calls) when it is the current one already, as in one process per GPU."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_GUARD
 
 
 def check_seed(seed: torch.Tensor | None, device: torch.device, name: str) -> None:

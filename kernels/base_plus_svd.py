@@ -49,9 +49,9 @@ class _LowRankInto(torch.autograd.Function):
                 dx = torch.zeros_like(x)
                 y_plus_sb(dx, g, lora_A, lora_E, ranknum, scaling, seed=seed, dropout_p=p)
             if need_A:
-                dA = xt_s(x, g, lora_E, ranknum, scaling, seed=seed, dropout_p=p).to(lora_A.dtype)
+                dA = xt_s(x, g, lora_E, ranknum, scaling, seed=seed, dropout_p=p, dtype=lora_A.dtype)
             if need_B:
-                dB = xt_s(dy, s, lora_E, ranknum, scaling).t().contiguous().to(lora_B.dtype)
+                dB = xt_s(dy, s, lora_E, ranknum, scaling, dtype=lora_B.dtype, transposed=True)
             if need_E:
                 scale = scaling / (ranknum.float() + RANKNUM_EPS)
                 dE = ((g * s).sum(0) * scale).unsqueeze(1).to(lora_E.dtype)

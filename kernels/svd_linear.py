@@ -6,7 +6,9 @@
 - training forward: ``x_at`` (S = drop(x) Q^T, kept for the backward: M x r fp32) then
   ``xw_plus_sb`` (base GEMM with the low-rank term in its accumulator);
 - backward: ``x_at`` (G = dy P), ``xw_plus_sb`` (dx = dy W + drop(G diag(s lambda) Q)), ``xt_s``
-  twice (dQ from x, dP from dy) and one small reduction for d(lambda). W is frozen (no dW);
+  twice (dQ from x, dP from dy; each stores its result in the factor's dtype and layout when its rows
+  fit one split) and one small reduction for d(lambda), which ``ADALORA_FAST_FOLD_DLAMBDA=1`` folds
+  into the dQ kernel (opt-in until a GPU run shows it faster). W is frozen (no dW);
 - inference (no autograd graph needed, no dropout): ``xw_plus_sb`` alone, S computed in the GEMM.
 
 Dropout is Philox in the kernels, seeded from a device tensor drawn from PyTorch's generator (so
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import torch
 
+from . import xt_s as xt_s_module
 from ._common import adapter_reason, check_seed, device_guard
 from .constants import MAX_RANK, RANKNUM_EPS, SUPPORTED_DTYPES
-from .x_at import x_at
-from .xt_s import xt_s
-from .xw_plus_sb import xw_plus_sb
+from .x_at import launch_x_at
+from .xt_s import launch_xt_s
+from .xw_plus_sb import launch_xw_plus_sb
 
 SEED_HIGH = 2**62
 
@@ -60,8 +63,9 @@ def svd_linear_fwd(
 
 def _forward_impl(x, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out):
     with device_guard(x):
-        s = x_at(x, lora_A, seed=seed, dropout_p=dropout_p)
-        y = xw_plus_sb(x, _w_kn(weight, fan_in_fan_out), bias, s, lora_B.t(), lora_E, ranknum, scaling)
+        s = launch_x_at(x, lora_A, seed, dropout_p)
+        w_kn = _w_kn(weight, fan_in_fan_out)
+        y = launch_xw_plus_sb(x, w_kn, bias, s, lora_B.t(), lora_E, ranknum, scaling, None, None, 0.0)
     return y, s
 
 
@@ -91,7 +95,7 @@ def svd_linear_infer(
 def _infer_impl(x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, fan_in_fan_out):
     with device_guard(x):
         w_kn = _w_kn(weight, fan_in_fan_out)
-        return xw_plus_sb(x, w_kn, bias, None, lora_B.t(), lora_E, ranknum, scaling, a_rk=lora_A)
+        return launch_xw_plus_sb(x, w_kn, bias, None, lora_B.t(), lora_E, ranknum, scaling, lora_A, None, 0.0)
 
 
 @svd_linear_infer.register_fake
@@ -120,7 +124,7 @@ def svd_linear_bwd(
     need_B: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dE, dB); gradients that are not needed come back as empty tensors."""
-    return _backward_guarded(
+    return _op_backward(
         dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out,
         need_x, need_A, need_E, need_B,
     )  # fmt: skip
@@ -130,23 +134,32 @@ def _backward_impl(
     dy, x, weight, lora_A, lora_E, lora_B, ranknum, s, seed, dropout_p, scaling, fan_in_fan_out,
     need_x, need_A, need_E, need_B,
 ):  # fmt: skip
+    """(dx, dA, dE, dB), None where not needed. The factor gradients come out of their kernels in the
+    factors' dtype and layout (dB through transposed strides)."""
     dy = dy.to(weight.dtype)
-    g = x_at(dy, lora_B.t()) if (need_x or need_A or need_E) else None  # G = dy P, (M, r) fp32
-    dx = x.new_empty(0)  # not needed (outputs must not alias each other)
+    g = launch_x_at(dy, lora_B.t(), None, 0.0) if (need_x or need_A or need_E) else None  # G = dy P
+    dx = dA = dE = dB = None
     if need_x:
         w_nk = _w_kn(weight, fan_in_fan_out).t()
-        dx = xw_plus_sb(dy, w_nk, None, g, lora_A, lora_E, ranknum, scaling, seed=seed, dropout_p=dropout_p)
-    dA = x.new_empty(0)
+        dx = launch_xw_plus_sb(dy, w_nk, None, g, lora_A, lora_E, ranknum, scaling, None, seed, dropout_p)
+    fold = need_A and need_E and xt_s_module.FOLD_DLAMBDA
     if need_A:
-        dA = xt_s(x, g, lora_E, ranknum, scaling, seed=seed, dropout_p=dropout_p).to(lora_A.dtype)
-    dB = x.new_empty(0)
+        dA, dE = launch_xt_s(
+            x, g, lora_E, ranknum, scaling, seed, dropout_p, lora_A.dtype, False, s_fwd=s if fold else None
+        )
     if need_B:
-        dB = xt_s(dy, s, lora_E, ranknum, scaling).t().contiguous().to(lora_B.dtype)
-    dE = x.new_empty(0)
-    if need_E:
+        dB = launch_xt_s(dy, s, lora_E, ranknum, scaling, None, 0.0, lora_B.dtype, True)[0]
+    if need_E and not fold:
         scale = scaling / (ranknum.float() + RANKNUM_EPS)
         dE = ((g * s).sum(0) * scale).unsqueeze(1).to(lora_E.dtype)
     return dx, dA, dE, dB
+
+
+def _op_backward(*args):
+    """The custom op's body: its outputs must be tensors (empty where not needed) and not alias."""
+    grads = _backward_guarded(*args)
+    x = args[1]
+    return tuple(x.new_empty(0) if t is None else t for t in grads)
 
 
 @svd_linear_bwd.register_fake
@@ -175,7 +188,10 @@ def _backward(ctx, dy: torch.Tensor, _ds: torch.Tensor | None):
 def _backward_guarded(dy, x, weight, *rest):
     # A backward run inside an autocast region (the CPU runs it on the caller's thread) must not
     # re-cast the glue ops: the forward's casts were already made.
-    with device_guard(x), torch.autocast(x.device.type, enabled=False):
+    if torch.is_autocast_enabled(x.device.type):
+        with device_guard(x), torch.autocast(x.device.type, enabled=False):
+            return _backward_impl(dy, x, weight, *rest)
+    with device_guard(x):
         return _backward_impl(dy, x, weight, *rest)
 
 
@@ -357,6 +373,17 @@ def autocast_inputs(
     return cast[0], cast[1], cast[2]
 
 
+_UNUSED_SEEDS: dict[torch.device, torch.Tensor] = {}
+
+
+def unused_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument of a call without dropout: never read, one int64 per device, made once."""
+    seed = _UNUSED_SEEDS.get(device)
+    if seed is None:
+        seed = _UNUSED_SEEDS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return seed
+
+
 def _svd_linear(x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p, fan_in_fan_out, seed):
     check_inputs(x, weight, bias, lora_A, lora_E, lora_B, fan_in_fan_out)
     if not 0.0 <= dropout_p < 1.0:
@@ -377,7 +404,7 @@ def _svd_linear(x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling, dropo
             seed = (
                 torch.randint(0, SEED_HIGH, (1,), device=x.device)
                 if dropout_p > 0.0
-                else torch.empty(1, dtype=torch.int64, device=x.device)
+                else (torch.empty(1, dtype=torch.int64, device=x.device) if traced else unused_seed(x.device))
             )
         args = (x2, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out)
         y = svd_linear_fwd(*args)[0] if traced else _SVDLinearFn.apply(*args)

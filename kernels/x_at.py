@@ -93,28 +93,39 @@ def x_at(
     ``tiles`` = (BLOCK_M, BLOCK_K, warps) overrides the tile choice (benchmarks/profile_gpu.py's sweep).
     """
     _check(x, a)
+    if dropout_p > 0.0:
+        check_seed(seed, x.device, "x_at")
+    return launch_x_at(x, a, seed, dropout_p, tiles)
+
+
+def launch_x_at(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+    tiles: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`x_at` without its checks (the caller made them)."""
     M, K = x.shape
     R = a.shape[0]
     out = torch.empty(M, R, device=x.device, dtype=torch.float32)
     if M == 0 or R == 0:
         return out.zero_()
     dropout = dropout_p > 0.0
-    if dropout:
-        check_seed(seed, x.device, "x_at")
     r_pad = rank_pad(R)
-    if INTERPRET:
+    if tiles is not None:
+        block_m, block_k, warps = tiles
+    elif INTERPRET:
         block_m, block_k, warps = 64, 64, 4
     elif dot_precision(x.dtype) == "ieee":
         block_m, block_k, warps = 32, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
     else:  # 64 x 128 / 4 warps spilled on sm_90 with the split fp32 operand (two TF32 products)
         block_m, block_k, warps = 64, 64, 8
-    if tiles is not None:
-        block_m, block_k, warps = tiles
-    grid = (cdiv(M, block_m),)
-    _x_at_kernel[grid](
+    xs, as_, os_ = x.stride(), a.stride(), out.stride()
+    _x_at_kernel[(cdiv(M, block_m),)](
         x, a, seed if dropout else out, out,
         M, K, R,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        xs[0], xs[1], as_[0], as_[1], os_[0], os_[1],
         float(dropout_p),
         DROPOUT=dropout, PREC=dot_precision(x.dtype, a.dtype), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=warps, num_stages=3,

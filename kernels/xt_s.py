@@ -6,9 +6,18 @@ With ``X`` (M x C) an activation and ``S`` (M x R) a low-rank fp32 matrix, the k
 - ``dQ`` (i.e. dA) from ``X = x`` with the forward's dropout regenerated, and ``S = dy P``.
 It reads X once. The M reduction is split across programs for parallelism; each split writes its own
 fp32 partial (SPLIT x R x C) and one ``sum`` finishes it, so results are deterministic (no atomics).
+With one split (short inputs) the kernel stores the result itself, in the factor's dtype and layout
+(dB is (C x R): written through transposed strides), so no ATen op follows it.
+
+``FOLD_DLAM`` (the dQ pass, :func:`xt_s_dlambda`): the programs of the first column block also read
+the forward's S and reduce ``d(lambda)_j = s * sum_m G_mj S_mj`` over their rows, removing the ATen
+ops of that reduction (a product, a sum, a scale, a cast). Opt-in (``FOLD_DLAMBDA``) until a GPU run
+shows the backward faster with it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -25,16 +34,19 @@ from ._common import (
     rank_pad,
     target_programs,
 )
-from .constants import MAX_RANK
+from .constants import MAX_RANK, RANKNUM_EPS
+
+_EPS = tl.constexpr(RANKNUM_EPS)  # jit code reads only constexpr globals
 
 
 @triton.jit
 def _xt_s_kernel(
-    x_ptr, s_ptr, e_ptr, ranknum_ptr, seed_ptr, out_ptr,
+    x_ptr, s_ptr, e_ptr, ranknum_ptr, seed_ptr, out_ptr, s2_ptr, dlam_ptr,
     M, C, R, rows_per_split,
     stride_xm, stride_xc, stride_sm, stride_sr, stride_e, stride_osplit, stride_or, stride_oc,
+    stride_s2m, stride_s2r, stride_dsplit,
     scaling, p_drop,
-    DROPOUT: tl.constexpr, PREC: tl.constexpr, R_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr, FOLD_DLAM: tl.constexpr, PREC: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
@@ -46,16 +58,26 @@ def _xt_s_kernel(
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
+    dlam = tl.zeros((R_PAD,), dtype=tl.float32)
     if DROPOUT:
         seed = tl.load(seed_ptr)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
+        rm_mask = r_mask[:, None] & m_mask[None, :]
         s_t = tl.load(
             s_ptr + offs_r[:, None] * stride_sr + offs_m.to(tl.int64)[None, :] * stride_sm,
-            mask=r_mask[:, None] & m_mask[None, :],
+            mask=rm_mask,
             other=0.0,
         )
+        if FOLD_DLAM:
+            if pid_c == 0:  # one column block reduces d(lambda) over these rows
+                s2_t = tl.load(
+                    s2_ptr + offs_r[:, None] * stride_s2r + offs_m.to(tl.int64)[None, :] * stride_s2m,
+                    mask=rm_mask,
+                    other=0.0,
+                )
+                dlam += tl.sum(s_t * s2_t, axis=1)
         x = tl.load(
             x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
             mask=m_mask[:, None] & c_mask[None, :],
@@ -70,7 +92,101 @@ def _xt_s_kernel(
     lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling)
     acc = acc * lam[:, None]
     out_ptrs = out_ptr + split * stride_osplit + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
-    tl.store(out_ptrs, acc, mask=r_mask[:, None] & c_mask[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
+    if FOLD_DLAM:
+        if pid_c == 0:
+            ranknum = tl.load(ranknum_ptr).to(tl.float32)
+            dlam = dlam * (scaling / (ranknum + _EPS))
+            tl.store(dlam_ptr + split * stride_dsplit + offs_r * stride_e, dlam.to(dlam_ptr.dtype.element_ty),
+                     mask=r_mask)  # fmt: skip
+
+
+# Fold d(lambda) into the dQ pass (xt_s_dlambda) in svd_linear's backward: ADALORA_FAST_FOLD_DLAMBDA=1.
+FOLD_DLAMBDA = os.environ.get("ADALORA_FAST_FOLD_DLAMBDA", "0") not in ("", "0")
+
+
+def _tiles(x: torch.Tensor, r_pad: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_M, warps) for activations like ``x`` at rank block ``r_pad``."""
+    if INTERPRET:
+        return 64, 32, 4
+    if dot_precision(x.dtype) == "ieee":
+        return 64, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
+    # (BLOCK_C, BLOCK_M, warps) without spills on sm_90 with the split fp32 operand (two TF32
+    # products), dropout or not (ptxas resource check)
+    return {16: (128, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8)}[r_pad]
+
+
+def launch_xt_s(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    lora_E: torch.Tensor,
+    ranknum: torch.Tensor,
+    scaling: float,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+    dtype: torch.dtype,
+    transposed: bool,
+    s_fwd: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`xt_s` without its checks (the caller made them): ``(dF, d(lambda) or None)``, dF (R, C),
+    or (C, R) when ``transposed``, in ``dtype``; with ``s_fwd`` (M, R) fp32 also ``d(lambda)`` (R, 1)
+    in ``lora_E``'s dtype."""
+    M, C = x.shape
+    R = s.shape[1]
+    if M == 0 or R == 0 or C == 0:
+        out = torch.zeros((C, R) if transposed else (R, C), device=x.device, dtype=dtype)
+        return out, (None if s_fwd is None else torch.zeros(R, 1, device=x.device, dtype=lora_E.dtype))
+    r_pad = rank_pad(R)
+    block_c, block_m, warps = _tiles(x, r_pad)
+    c_blocks = cdiv(C, block_c)
+    m_blocks = cdiv(M, block_m)
+    splits = max(1, min(m_blocks, cdiv(target_programs(x.device), c_blocks)))
+    rows_per_split = cdiv(m_blocks, splits) * block_m
+    splits = cdiv(M, rows_per_split)
+    # One split: the kernel writes the result in place, in its dtype; several: fp32 partials, one sum.
+    shape = (C, R) if transposed else (R, C)
+    if splits == 1:
+        out = torch.empty(shape, device=x.device, dtype=dtype)
+        so = (0, *out.stride())
+    else:
+        out = torch.empty((splits, *shape), device=x.device, dtype=torch.float32)
+        so = out.stride()
+    stride_split, stride_or, stride_oc = (so[0], so[2], so[1]) if transposed else so
+    fold = s_fwd is not None
+    if fold:
+        dlam = torch.empty((R, 1) if splits == 1 else (splits, R, 1), device=x.device,
+                           dtype=lora_E.dtype if splits == 1 else torch.float32)  # fmt: skip
+        stride_dsplit = 0 if splits == 1 else dlam.stride(0)
+        s2_strides = s_fwd.stride()
+    else:
+        dlam, stride_dsplit, s2_strides = out, 0, (0, 0)
+    xs, ss = x.stride(), s.stride()
+    _xt_s_kernel[(c_blocks, splits)](
+        x, s, lora_E, ranknum, seed if seed is not None else out, out, s_fwd if fold else s, dlam,
+        M, C, R, rows_per_split,
+        xs[0], xs[1], ss[0], ss[1], lora_E.stride(0), stride_split, stride_or, stride_oc,
+        s2_strides[0], s2_strides[1], stride_dsplit,
+        float(scaling), float(dropout_p),
+        DROPOUT=dropout_p > 0.0, FOLD_DLAM=fold, PREC=dot_precision(x.dtype), R_PAD=r_pad,
+        BLOCK_C=block_c, BLOCK_M=block_m,
+        num_warps=warps, num_stages=3,
+    )  # fmt: skip
+    if splits > 1:
+        out = out.sum(0).to(dtype)
+        if fold:
+            dlam = dlam.sum(0).to(lora_E.dtype)
+    return out, (dlam if fold else None)
+
+
+def _check(name: str, x: torch.Tensor, s: torch.Tensor, lora_E: torch.Tensor, seed, dropout_p: float) -> None:
+    M = x.shape[0]
+    R = s.shape[1]
+    if s.shape[0] != M or s.dtype != torch.float32:
+        raise ValueError(f"{name}: s must be float32 ({M}, R), got {s.dtype} {tuple(s.shape)}")
+    if lora_E.shape[0] != R or R > MAX_RANK:
+        raise ValueError(f"{name}: lora_E {tuple(lora_E.shape)} does not fit R={R} (<= {MAX_RANK})")
+    if dropout_p > 0.0:
+        check_seed(seed, x.device, name)
 
 
 def xt_s(
@@ -82,41 +198,32 @@ def xt_s(
     *,
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """``(s * lambda*scale).T @ drop(x)`` in fp32, shape (R, C). ``x`` (M, C), ``s`` (M, R) fp32."""
-    M, C = x.shape
-    R = s.shape[1]
-    if s.shape[0] != M or s.dtype != torch.float32:
-        raise ValueError(f"xt_s: s must be float32 ({M}, R), got {s.dtype} {tuple(s.shape)}")
-    if lora_E.shape[0] != R or R > MAX_RANK:
-        raise ValueError(f"xt_s: lora_E {tuple(lora_E.shape)} does not fit R={R} (<= {MAX_RANK})")
-    if dropout_p > 0.0:
-        check_seed(seed, x.device, "xt_s")
-    if M == 0 or R == 0 or C == 0:
-        return torch.zeros(R, C, device=x.device, dtype=torch.float32)
-    r_pad = rank_pad(R)
-    if INTERPRET:
-        block_c, block_m, warps = 64, 32, 4
-    elif dot_precision(x.dtype) == "ieee":
-        block_c, block_m, warps = 64, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
-    else:
-        # (BLOCK_C, BLOCK_M, warps) without spills on sm_90 with the split fp32 operand (two TF32
-        # products), dropout or not (ptxas resource check)
-        tiles = {16: (128, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8)}
-        block_c, block_m, warps = tiles[r_pad]
-    c_blocks = cdiv(C, block_c)
-    m_blocks = cdiv(M, block_m)
-    splits = max(1, min(m_blocks, cdiv(target_programs(x.device), c_blocks)))
-    rows_per_split = cdiv(m_blocks, splits) * block_m
-    splits = cdiv(M, rows_per_split)
-    partial = torch.empty(splits, R, C, device=x.device, dtype=torch.float32)
-    _xt_s_kernel[(c_blocks, splits)](
-        x, s, lora_E, ranknum, seed if seed is not None else partial, partial,
-        M, C, R, rows_per_split,
-        x.stride(0), x.stride(1), s.stride(0), s.stride(1), lora_E.stride(0),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        float(scaling), float(dropout_p),
-        DROPOUT=dropout_p > 0.0, PREC=dot_precision(x.dtype), R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=block_m,
-        num_warps=warps, num_stages=3,
-    )  # fmt: skip
-    return partial[0] if splits == 1 else partial.sum(0)
+    """``(s * lambda*scale).T @ drop(x)``, shape (R, C) (its transpose (C, R) when ``transposed``) in
+    ``dtype`` (fp32 accumulation). ``x`` (M, C), ``s`` (M, R) fp32."""
+    _check("xt_s", x, s, lora_E, seed, dropout_p)
+    return launch_xt_s(x, s, lora_E, ranknum, scaling, seed, dropout_p, dtype, transposed)[0]
+
+
+def xt_s_dlambda(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    s: torch.Tensor,
+    lora_E: torch.Tensor,
+    ranknum: torch.Tensor,
+    scaling: float,
+    *,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dQ pass with d(lambda) folded in: ``(xt_s(x, g, ...), scale * sum_m g * s)``, the second
+    (R, 1) in ``lora_E``'s dtype (``scale = scaling / (ranknum + 1e-5)``). ``g``, ``s`` (M, R) fp32."""
+    _check("xt_s_dlambda", x, g, lora_E, seed, dropout_p)
+    if s.shape != g.shape or s.dtype != torch.float32:
+        raise ValueError(f"xt_s_dlambda: s must be float32 {tuple(g.shape)}, got {s.dtype} {tuple(s.shape)}")
+    dF, dlam = launch_xt_s(x, g, lora_E, ranknum, scaling, seed, dropout_p, dtype, False, s_fwd=s)
+    assert dlam is not None
+    return dF, dlam

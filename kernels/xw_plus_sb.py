@@ -226,11 +226,31 @@ def xw_plus_sb(
         raise ValueError(f"{name}: s must be float32 of shape ({M}, {R}), got {s.dtype} {tuple(s.shape)}")
     if dropout_p > 0.0:
         check_seed(seed, x.device, name)
+    if K == 0 and M > 0 and N > 0:
+        raise ValueError(f"{name}: K = 0")
+    return launch_xw_plus_sb(x, w_kn, bias, s, b_rn, lora_E, ranknum, scaling, a_rk, seed, dropout_p)
+
+
+def launch_xw_plus_sb(
+    x: torch.Tensor,
+    w_kn: torch.Tensor,
+    bias: torch.Tensor | None,
+    s: torch.Tensor | None,
+    b_rn: torch.Tensor,
+    lora_E: torch.Tensor,
+    ranknum: torch.Tensor,
+    scaling: float,
+    a_rk: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """:func:`xw_plus_sb` without its checks (the caller made them; K > 0)."""
+    M, K = x.shape
+    N = w_kn.shape[1]
+    R = b_rn.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
-    if K == 0:
-        raise ValueError(f"{name}: K = 0")
     r_pad = rank_pad(R)
     a = a_rk if s is None else b_rn  # placeholders keep pointer arguments valid
     s_arg = s if s is not None else out
@@ -239,9 +259,8 @@ def xw_plus_sb(
         x, w_kn, bias if bias is not None else out, s_arg, a, b_rn, lora_E, ranknum,
         seed if seed is not None else out, out,
         M, N, K, R, next_pow2(M),
-        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), s_arg.stride(0), s_arg.stride(1),
-        a.stride(0), a.stride(1), b_rn.stride(0), b_rn.stride(1), lora_E.stride(0),
-        out.stride(0), out.stride(1),
+        *x.stride(), *w_kn.stride(), *s_arg.stride(), *a.stride(), *b_rn.stride(), lora_E.stride(0),
+        *out.stride(),
         float(scaling), float(dropout_p),
         HAS_BIAS=bias is not None, SHRINK_IN_GEMM=s is None, DROPOUT=dropout_p > 0.0,
         MAIN_PREC=dot_precision(x.dtype, x.dtype), SHRINK_PREC=dot_precision(x.dtype, a.dtype),

@@ -195,6 +195,23 @@ def test_bf16_forward_and_gradients_on_gpu(case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [*GRID[2::3], Case(33, 40, 24, 12, dtype=torch.float16, p=0.2)], ids=str)
+def test_backward_with_the_lambda_gradient_folded(case, device, poison_empty):
+    """ADALORA_FAST_FOLD_DLAMBDA (opt-in): d(lambda) reduced in the dQ kernel, every gradient against
+    float64 as on the default path."""
+    with mock.patch.object(kernels.xt_s_module, "FOLD_DLAMBDA", True):
+        check_case(case, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in DEVICES, reason="bf16 numerics need compiled kernels on CUDA")
+@pytest.mark.parametrize("case", GRID[::3], ids=str)
+def test_bf16_backward_with_the_lambda_gradient_folded_on_gpu(case):
+    with mock.patch.object(kernels.xt_s_module, "FOLD_DLAMBDA", True):
+        check_case(Case(**{**case.__dict__, "dtype": torch.bfloat16}), "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=12, deadline=None)
 @given(
     rows=st.integers(1, 70),

@@ -43,3 +43,47 @@ def test_xt_s_splits_rows_deterministically(device):
     one = torch.ones(1, device=device)
     a = mod.xt_s(x, s, E, one, 1.0)
     assert torch.equal(a, mod.xt_s(x, s, E, one, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("M", "dtype"), [(40, torch.float32), (4099, torch.float32), (300, torch.float16)])
+def test_xt_s_stores_in_the_factor_dtype_and_layout(device, M, dtype):
+    """``dtype`` / ``transposed`` (dB is (C, R) in the factor's dtype): equal to the fp32 (R, C) result
+    cast and transposed, with one split (the kernel stores it) and several (partials, one sum)."""
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 70, generator=g).to(device)
+    s = torch.randn(M, 12, generator=g).to(device)
+    E = torch.randn(12, 1, generator=g).to(device)
+    ranknum = torch.tensor([12.0], device=device)
+    ref = mod.xt_s(x, s, E, ranknum, 2.0)
+    out = mod.xt_s(x, s, E, ranknum, 2.0, dtype=dtype, transposed=True)
+    assert out.shape == (70, 12) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, ref.t().to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("M", "C", "R", "dtype", "p"),
+    [(1, 9, 1, torch.float32, 0.0), (129, 70, 12, torch.float32, 0.3), (4099, 40, 5, torch.float32, 0.0),
+     (33, 130, 3, torch.float16, 0.5), (70, 200, 64, torch.float16, 0.0)],
+)  # fmt: skip
+def test_xt_s_dlambda_folds_the_lambda_gradient_into_the_dq_pass(device, M, C, R, dtype, p):
+    """dQ as xt_s gives it, bit for bit, and d(lambda) = s * sum_m G * S against float64, in E's dtype."""
+    gen = torch.Generator().manual_seed(M + R)
+    x = torch.randn(M, C, generator=gen).to(device=device, dtype=dtype)
+    grad, s = (torch.randn(M, R, generator=gen).to(device) for _ in range(2))
+    E = torch.randn(R, 1, generator=gen).to(device=device, dtype=dtype)
+    ranknum = torch.tensor([R + 1.0], device=device)
+    seed = torch.tensor([5], device=device)
+    dq, dlam = mod.xt_s_dlambda(x, grad, s, E, ranknum, 3.0, seed=seed, dropout_p=p)
+    assert torch.equal(dq, mod.xt_s(x, grad, E, ranknum, 3.0, seed=seed, dropout_p=p))
+    ref = (grad.double() * s.double()).sum(0, keepdim=True).T * (3.0 / (R + 1.0 + 1e-5))
+    assert dlam.shape == (R, 1) and dlam.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-3  # fp16's own rounding of the stored value
+    assert max_rel_err(dlam, ref) <= tol
+
+
+def test_xt_s_dlambda_checks_s():
+    x, g, E = torch.randn(8, 4), torch.randn(8, 3), torch.randn(3, 1)
+    with pytest.raises(ValueError, match="xt_s_dlambda: s must be float32"):
+        mod.xt_s_dlambda(x, g, torch.randn(8, 2), E, torch.ones(1), 1.0)
