@@ -9,7 +9,10 @@ ATen glue costs its dispatch, not its arithmetic. Providers, side by side in one
 - ``fused``: ``kernels/svd_linear.py``'s eager path (the autograd Function and its kernels, stubbed);
 - ``fused_fold``: the same with ``ADALORA_FAST_FOLD_DLAMBDA`` (d(lambda) reduced in the dQ kernel);
 - ``torch``: our PyTorch path (``functional.svd_linear`` with ``backend="torch"``, PEFT's op order);
-- ``linear``: ``F.linear`` with a frozen weight, the goal's yardstick (a frozen nn.Linear's fwd+bwd).
+- ``linear``: ``F.linear`` with a frozen weight, the goal's yardstick (a frozen nn.Linear's fwd+bwd);
+- ``function_floor``: a Python ``torch.autograd.Function`` taking x and the three factors and
+  returning their gradients, doing nothing else: what any eager Python autograd Function costs before
+  its first kernel (the fused layer is one).
 
 Per provider: the median host time of a fwd+bwd over ``--iters`` interleaved rounds (microseconds),
 the ATen ops other than views (``harness.op_counts``) and the Triton launches. Goal (issue 18): the
@@ -91,7 +94,24 @@ def providers() -> dict[str, Callable[[], None]]:
     def linear() -> None:
         torch.nn.functional.linear(x, weight).backward(dy)
 
-    return {"fused": fused, "fused_fold": fused_fold, "torch": torch_path, "linear": linear}
+    grads = [f.detach().clone() for f in factors]
+
+    class _Floor(torch.autograd.Function):
+        """A Python autograd Function with the fused layer's inputs and gradients and no work."""
+
+        @staticmethod
+        def forward(ctx, x, *_factors):  # type: ignore[override]
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            return (g, *grads)
+
+    def function_floor() -> None:
+        _Floor.apply(x, *factors).backward(dy)
+
+    return {"fused": fused, "fused_fold": fused_fold, "torch": torch_path, "linear": linear,
+            "function_floor": function_floor}  # fmt: skip
 
 
 def measure(fns: dict[str, Callable[[], None]], iters: int) -> dict[str, dict[str, float]]:

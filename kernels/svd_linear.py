@@ -136,7 +136,8 @@ def _backward_impl(
 ):  # fmt: skip
     """(dx, dA, dE, dB), None where not needed. The factor gradients come out of their kernels in the
     factors' dtype and layout (dB through transposed strides)."""
-    dy = dy.to(weight.dtype)
+    if dy.dtype != weight.dtype:
+        dy = dy.to(weight.dtype)
     g = launch_x_at(dy, lora_B.t(), None, 0.0) if (need_x or need_A or need_E) else None  # G = dy P
     dx = dA = dE = dB = None
     if need_x:

@@ -231,7 +231,8 @@ def test_host_path_benchmark_counts_launches_and_writes_its_rows(tmp_path):
     assert "GOAL host fused fwd+bwd" in proc.stdout
     with (tmp_path / "cpu_host_path.csv").open(newline="") as f:
         rows = {row["provider"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"fused", "torch", "linear"}
-    assert int(rows["fused"]["launches"]) > 0
-    assert int(rows["torch"]["launches"]) == int(rows["linear"]["launches"]) == 0
+    assert set(rows) == {"fused", "fused_fold", "torch", "linear", "function_floor"}
+    assert int(rows["fused"]["launches"]) == int(rows["fused_fold"]["launches"]) == 6
+    assert int(rows["fused_fold"]["aten_ops"]) < int(rows["fused"]["aten_ops"])  # no d(lambda) ops
+    assert all(int(rows[p]["launches"]) == 0 for p in ("torch", "linear", "function_floor"))
     assert all(float(row["host_us"]) > 0 and int(row["aten_ops"]) > 0 for row in rows.values())
