@@ -19,6 +19,21 @@ from .quantized import dequantize, int8_scales, quantization, requantize_
 from .reference import delta_weight
 from .targets import base_features
 
+# How many times an SVDLinear replaced its A, E, B with new parameter objects in this process: hooks held
+# on the old objects (adalora_fast.fully_shard's gradient sync) look again only when it changed.
+_adapter_generation = 0
+
+
+def adapter_generation() -> int:
+    """A counter bumped each time an :class:`SVDLinear` replaces its factor parameters (``resize``,
+    ``adopt_factors``); in-place changes (compaction, loading into the same tensors) leave it."""
+    return _adapter_generation
+
+
+def _factors_replaced() -> None:
+    global _adapter_generation
+    _adapter_generation += 1
+
 
 class SVDLinear(nn.Module):
     """``y = base(x) + dropout(x) A^T diag(E) B^T * lora_alpha / (ranknum + 1e-5)``."""
@@ -94,6 +109,7 @@ class SVDLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=dev, dtype=dtype))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
+        _factors_replaced()
 
     def adopt_factors(
         self,
@@ -106,6 +122,7 @@ class SVDLinear(nn.Module):
         that holds them goes on training them), holding the init_r positions ``held_pattern``."""
         self._set_rank(lora_A.shape[0], held_pattern)
         self.lora_A, self.lora_E, self.lora_B = lora_A, lora_E, lora_B
+        _factors_replaced()
 
     def _set_rank(self, r: int, held_pattern: list[bool] | None) -> None:
         if held_pattern is not None and (len(held_pattern) != self.init_r or sum(held_pattern) != r):

@@ -460,7 +460,7 @@ def word_texts(n: int, length: int = 12, vocab: int = 64, seed: int = 0) -> list
     return [" ".join(f"w{int(i)}" for i in row) for row in rows]
 
 
-# ---- several processes on the CPU (tests/integration/test_ddp.py, test_fsdp.py) ------------------------
+# ---- several processes on the CPU (tests/integration/test_ddp.py, test_fsdp_*.py) --------------------
 # A test launches its own file as a script, once per rank (``python FILE SCENARIO RANK STORE OUT``, the
 # repository root on PYTHONPATH so that the script imports tests.helpers), with a FileStore rendezvous in
 # tmp_path (no port to pick, so no port race), a timeout on every collective and a wall-clock limit on

@@ -9,6 +9,9 @@ compaction and checkpoints need. FSDP2 neither broadcasts nor reduces ignored pa
 :class:`ReplicatedGradSync` does both: the adapters are broadcast from rank 0 once, and at the end of
 every backward their gradients are averaged over the mesh in one flat bucket per dtype (skipped while
 FSDP2's ``set_requires_gradient_sync(False)`` holds, as for gradient accumulation without sync).
+Under a ``MixedPrecisionPolicy(param_dtype=...)`` the adapters compute in their own dtype, as without
+FSDP2, while the other trained parameters (trained biases, ``modules_to_save``), which FSDP2 does not
+cast either, compute in ``param_dtype`` like the base around them (:class:`ComputeCast`).
 
 Averaging a gradient that is already alike on every rank leaves it unchanged, so a reduction that runs
 more than once in a step (re-entrant activation checkpointing ends one autograd graph per block) still
@@ -17,6 +20,7 @@ gives the exact average; it only costs more collectives.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,15 +29,35 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import FULLY_SHARD_ATTR, ddp_forward_active
+from ..layer import adapter_generation
 from ..model import AdaLoraModel
+
+# The first torch whose FSDP2 fully_shard takes ignored_params, which keeps the adapters whole.
+NEEDED_TORCH = "2.7"
 
 
 def _fsdp2() -> tuple[Any, type]:
+    """torch's FSDP2 ``fully_shard`` and ``FSDPModule``; a ``RuntimeError`` naming the torch needed when
+    this torch's ``fully_shard`` cannot leave parameters alone (checked before anything changes)."""
     try:
         from torch.distributed.fsdp import FSDPModule, fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        fully_shard = FSDPModule = None
+    if fully_shard is None or not _takes_ignored_params(fully_shard):
+        raise RuntimeError(
+            f"adalora_fast.fully_shard needs torch >= {NEEDED_TORCH}, whose FSDP2 fully_shard takes "
+            f"ignored_params (the adapters stay whole on every rank); this is torch {torch.__version__}: "
+            f"upgrade torch (pip install 'torch>={NEEDED_TORCH}'), or train with "
+            "torch.nn.parallel.DistributedDataParallel"
+        )
     return fully_shard, FSDPModule
+
+
+def _takes_ignored_params(shard: Any) -> bool:
+    try:
+        return "ignored_params" in inspect.signature(shard).parameters
+    except (TypeError, ValueError):  # no signature to read: let torch's own call decide
+        return True
 
 
 def replicated_parameters(model: AdaLoraModel) -> list[nn.Parameter]:
@@ -92,18 +116,28 @@ class ReplicatedGradSync:
         self._handles: list[Any] = []
         self._queued = False
         self._ddp_syncs = False  # the last forward ran inside DDP, which then averages the adapters
+        self._generation: int | None = None  # adapter_generation() at the last walk of the layers
         self.reductions = 0  # bucketed all-reduces run (tests and users can see the collectives)
+        self.compute_cast: ComputeCast | None = None  # set by fully_shard under a param_dtype policy
         self.refresh()
         self._pre_hook = model.register_forward_pre_hook(lambda *_: self._before_forward())
 
     def _before_forward(self) -> None:
+        # A backward that raised never ran the reduction it queued; without this reset _on_grad would
+        # take it as still pending and never queue one again.
+        self._queued = False
         self._ddp_syncs = ddp_forward_active()
         self.refresh()
 
     # ---- which parameters ----------------------------------------------------------------------
     def refresh(self) -> None:
-        """Hook the replicated parameters again if they were replaced (``load_adapter`` of another rank
-        resizes the layers); compaction keeps the same objects. Runs before every forward."""
+        """Hook the replicated parameters again if they were replaced (``SVDLinear.resize``, as in loading
+        a checkpoint of other ranks); compaction and ``load_adapter`` keep the same objects. Runs before
+        every forward, and walks the layers only when some layer replaced its parameters since."""
+        generation = adapter_generation()
+        if generation == self._generation:
+            return
+        self._generation = generation
         params = replicated_parameters(self.model)
         if len(params) == len(self.params) and all(map(lambda a, b: a is b, params, self.params)):
             return
@@ -138,7 +172,7 @@ class ReplicatedGradSync:
         groups = _param_groups(self.model)
         if not groups:
             groups = [g for m in self.model.modules() if m is not self.model for g in _param_groups(m)]
-        return not groups or any(g.reduce_grads for g in groups)
+        return not groups or any(map(_reduces_grads, groups))
 
     @torch.no_grad()
     def _reduce(self) -> None:
@@ -168,6 +202,12 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(out.values())
 
 
+def _reduces_grads(group: Any) -> bool:
+    """FSDP2's gradient sync flag of a parameter group: ``reduce_grads``, ``reduce_scatter_grads`` before."""
+    flag = getattr(group, "reduce_grads", None)
+    return bool(getattr(group, "reduce_scatter_grads", True) if flag is None else flag)
+
+
 def _param_groups(module: nn.Module) -> list[Any]:
     """The FSDP2 parameter groups of ``module`` (none if it is not an FSDP2 module)."""
     get_state = getattr(module, "_get_fsdp_state", None)
@@ -179,6 +219,56 @@ def _param_groups(module: nn.Module) -> list[Any]:
         group = getattr(state, "_fsdp_param_group", None)
         groups = [group] if group is not None else []
     return list(groups)
+
+
+class ComputeCast:
+    """FSDP2's ``param_dtype`` for the trained parameters it ignores besides the adapters (trained biases,
+    ``modules_to_save``). FSDP2 computes with ``param_dtype`` copies of the weights it manages, so an
+    fp32 bias beside a bf16 weight, or an fp32 head fed bf16 activations, would not run. While the module
+    that uses such a parameter runs, a ``param_dtype`` copy (a differentiable cast) stands in its place:
+    the module computes as FSDP2's own would, and the gradient reaches the fp32 parameter, which the
+    optimizer, the gradient sync and checkpoints hold as before."""
+
+    def __init__(self, model: AdaLoraModel, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.handles: list[Any] = []
+        for runner, slots in _cast_slots(model, dtype).items():
+            stack: list[list[torch.Tensor]] = []  # one entry per running call (re-entrant forwards)
+            self.handles.append(runner.register_forward_pre_hook(self._swap_in(slots, stack)))
+            # always_call: the parameters come back also when the forward raises.
+            self.handles.append(runner.register_forward_hook(self._swap_out(slots, stack), always_call=True))
+
+    def _swap_in(self, slots: list[tuple[nn.Module, str]], stack: list[list[torch.Tensor]]) -> Any:
+        def hook(*_: Any) -> None:
+            stack.append([owner._parameters[name] for owner, name in slots])
+            for (owner, name), p in zip(slots, stack[-1], strict=True):
+                owner._parameters[name] = p.to(self.dtype)  # as FSDP2 swaps its unsharded params in
+
+        return hook
+
+    def _swap_out(self, slots: list[tuple[nn.Module, str]], stack: list[list[torch.Tensor]]) -> Any:
+        def hook(*_: Any) -> None:
+            if stack:
+                for (owner, name), p in zip(slots, stack.pop(), strict=True):
+                    owner._parameters[name] = p
+
+        return hook
+
+
+def _cast_slots(model: AdaLoraModel, dtype: torch.dtype) -> dict[nn.Module, list[tuple[nn.Module, str]]]:
+    """``{module to hook: [(owner, parameter name)]}`` for each trained floating-point parameter of
+    ``model`` that is not an adapter and not of ``dtype``. An adapted layer's base bias is hooked on the
+    adapted layer, whose forward reads it (the Triton path) before its base layer runs."""
+    adapter_ids = {id(p) for _, layer in model.adapted_layers for p in layer._parameters.values()}
+    runner_of = {id(layer.base_layer): layer for _, layer in model.adapted_layers}
+    out: dict[nn.Module, list[tuple[nn.Module, str]]] = {}
+    for owner in model.modules():
+        for name, p in owner._parameters.items():
+            if p is None or id(p) in adapter_ids or not p.requires_grad:
+                continue
+            if p.is_floating_point() and p.dtype != dtype:
+                out.setdefault(runner_of.get(id(owner), owner), []).append((owner, name))
+    return out
 
 
 def fully_shard(
@@ -197,7 +287,9 @@ def fully_shard(
     (classes, class names or module names); by default the base model's ``_no_split_modules``. The
     root is sharded last. ``fsdp_kwargs`` go to every ``torch.distributed.fsdp.fully_shard`` call
     (``mp_policy``, ``reshard_after_forward``, ``offload_policy``, ...); ``ignored_params`` given there
-    are ignored in addition to the adapters.
+    are ignored in addition to the adapters. Under ``mp_policy=MixedPrecisionPolicy(param_dtype=...)``
+    the adapters compute in their own dtype and the other trained parameters (biases, modules to save)
+    in ``param_dtype`` (:class:`ComputeCast`); all of them stay in their own dtype between steps.
 
     Every rank must hold the same base weights (as loaded by ``from_pretrained``); the adapters are
     broadcast from rank 0 here, so ranks seeded differently start alike. Call it after
@@ -247,6 +339,9 @@ def fully_shard(
     for block in to_shard:
         shard(block, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
     shard(model, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
+    param_dtype = getattr(fsdp_kwargs.get("mp_policy"), "param_dtype", None)
+    if param_dtype is not None:
+        sync.compute_cast = ComputeCast(model, param_dtype)
     # DDP wrapped around the sharded model (what transformers' Trainer and accelerate do on more than one
     # process without their FSDP plugin) leaves FSDP2's parameters alone and averages the adapters itself;
     # ReplicatedGradSync then stands aside for its backwards.

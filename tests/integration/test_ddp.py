@@ -1,6 +1,6 @@
 """Data-parallel training: DistributedDataParallel over 2 gloo processes on the CPU equals one process
 training on the whole batch (same ranks kept, same adapter weights), and both ranks agree bit for bit.
-(FSDP2 and the engines that are refused: ``test_fsdp.py``.)
+(FSDP2 and the engines that are refused: ``test_fsdp_*.py``.)
 
 The tests launch this file as a script, once per rank (``tests.helpers.launch_ranks``: a FileStore
 rendezvous, a timeout on every collective and on the whole launch).
