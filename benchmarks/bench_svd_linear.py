@@ -3,12 +3,15 @@
 Providers, all on one frozen base ``nn.Linear`` (bias=False) and one set of adapter values:
 ``base`` (the frozen layer alone, the floor; rows have ``r`` empty), ``fused``
 (``adalora_fast.SVDLinear``, backend "triton"), ``torch`` (the same, backend "torch") and ``peft``
-(PEFT 0.21's ``peft.tuners.adalora.layer.SVDLinear``, lora_dropout 0). Adapters are fp32 with random
+(PEFT 0.21's ``peft.tuners.adalora.layer.SVDLinear``, lora_dropout 0) and ``peft_lora`` (PEFT's LoRA
+``Linear`` at the same rank: timed, not checked). Adapters are fp32 with random
 non-zero A, E, B (the adapter term about as large as the base's output); x is (tokens, d_in) and
 requires grad. Modes (``harness.MODES``): ``fwd`` (forward with autograd recording), ``bwd``
 (backward alone), ``fwd+bwd``; every gradient is set to None before each call. The check, before
 timing: ``fused`` (on CUDA it must run the compiled kernels) and ``peft`` give y and every gradient
-within a dtype tolerance of ``torch`` (max |diff| / max |ref| per tensor).
+within a dtype tolerance of ``torch`` (max |diff| / max |ref| per tensor). On CUDA each row also has
+``host_us`` (the enqueue time of one call on an idle device) and ``device_us`` (its kernels' summed
+time, torch.profiler): a row whose host_us exceeds its device_us is host-bound.
 
 On CUDA: the Llama-7B grid (4096->4096, 4096->11008, 11008->4096; tokens 2048 / 8192 / 16384; r 8 /
 12 / 32 / 64), bf16 base, rows in ``<out>/gpu_svd_linear.csv``; ``--quick`` is the goal point alone
@@ -16,7 +19,7 @@ On CUDA: the Llama-7B grid (4096->4096, 4096->11008, 11008->4096; tokens 2048 / 
 ``base``, ``torch``, ``peft`` at 512->512, 256 tokens, r 12, fp32, rows in ``cpu_svd_linear.csv``
 (the fused kernels would run in Triton's interpreter there: no performance figure).
 
-    python benchmarks/bench_svd_linear.py [--out DIR] [--quick] [--providers base fused torch peft]
+    python benchmarks/bench_svd_linear.py [--out DIR] [--quick] [--providers base fused torch peft peft_lora]
     pytest benchmarks/bench_svd_linear.py --benchmark-only     # the CPU shape, with pytest-benchmark
 """
 
@@ -36,7 +39,7 @@ from torch import nn
 from adalora_fast.testing import max_rel_err
 
 OP = "svd_linear"
-PROVIDERS = ("base", "fused", "torch", "peft")
+PROVIDERS = ("base", "fused", "torch", "peft", "peft_lora")
 BACKENDS = {"fused": "triton", "torch": "torch"}
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 GPU_TOKENS, GPU_RANKS = (2048, 8192, 16384), (8, 12, 32, 64)
@@ -78,6 +81,24 @@ def make_peft(base: nn.Linear, ours: nn.Module) -> nn.Module:
     return layer.train()
 
 
+def make_peft_lora(base: nn.Linear, r: int) -> nn.Module:
+    """PEFT's LoRA ``Linear`` at the same rank on ``base`` (B drawn non-zero, so the update is live):
+    the cost of plain LoRA, which AdaLoRA's SVD form and rank masks add to. Timed, not checked (it
+    computes another function)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["base"])
+    layer = PeftLoraLinear(base, "default", config=cfg, r=r, lora_alpha=r, lora_dropout=0.0)
+    g = torch.Generator().manual_seed(SEED + 3)
+    with torch.no_grad():
+        b = layer.lora_B["default"].weight
+        b.copy_(torch.randn(b.shape, generator=g).to(b) * r**-0.5)
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name.startswith("lora_"))
+    return layer.train()
+
+
 def outputs_and_grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
     """``y`` and the gradients of x and of lora_A / lora_E / lora_B after ``layer(x).backward(dy)``."""
     xx = x.detach().clone().requires_grad_(True)
@@ -111,6 +132,8 @@ def inputs(d_in: int, d_out: int, tokens: int, device: str, dtype: torch.dtype) 
 def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
     if provider == "peft":
         return make_peft(base, make_ours(base, r, "torch"))
+    if provider == "peft_lora":
+        return make_peft_lora(base, r)
     return make_ours(base, r, BACKENDS[provider])
 
 
@@ -127,18 +150,19 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
         fields={"base": {"r": None}},
         reference="torch",
         title=f"{OP} {d_in}->{d_out}, {tokens} tokens, {str(dtype)[6:]} base, fp32 adapters",
+        host_device=True,
     )
     layers = {"base": base}
     for r in ranks:
         wanted = harness.timed_here(
-            [p for p in ("fused", "torch", "peft") if p == "torch" or p in providers], device
+            [p for p in ("fused", "torch", "peft", "peft_lora") if p == "torch" or p in providers], device
         )
         names = [f"{p} r{r}" for p in wanted]
         layers.update(harness.build_each(names, lambda k, r=r: build(k.split()[0], base, r), case.failures))
     for key in layers:
         if key != "base":
             case.fields[key] = {"provider": key.split()[0], "r": int(key.split()[1][1:])}
-    case.checked = [k for k in layers if k.startswith(("fused", "peft"))]
+    case.checked = [k for k in layers if k.startswith(("fused", "peft "))]
     case.providers = {
         key: functools.partial(
             lambda layer, mode: layer_step(mode, layer, x, dy, [x, *layer.parameters()]), layer
@@ -228,7 +252,7 @@ def cpu_case() -> Case:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("key", ["base", "torch r12", "peft r12"])
+@pytest.mark.parametrize("key", ["base", "torch r12", "peft r12", "peft_lora r12"])
 def test_svd_linear_cpu(benchmark: Any, cpu_case: Case, key: str, mode: str) -> None:
     harness.pytest_benchmark(benchmark, cpu_case, key, mode, rounds=20, warmup=3)
 

@@ -14,7 +14,9 @@ untimed step (compiles, autotunes); the check, before timing: two more steps of 
 AdaLoRA, whose losses must agree (fp32 1e-4, bf16 5e-2). Goal on CUDA: ours >= 1.4x PEFT AdaLoRA's
 throughput and >= PEFT LoRA's. Rows: op ``train_e2e`` (plus the shape when not the device's full
 preset), mode ``fwd+bwd+step`` (``fwd+bwd`` for frozen), d_in = hidden, d_out = MLP width, tokens =
-batch x seq, r 12, in ``<out>/cpu_train_e2e.csv`` or ``gpu_train_e2e.csv``.
+batch x seq, r 12, in ``<out>/cpu_train_e2e.csv`` or ``gpu_train_e2e.csv``; on CUDA with
+``host_us`` (one step's enqueue time, the median of 5 on an idle device) and ``device_us`` (its
+kernels' summed time): a step whose host_us exceeds its device_us is host-bound.
 
     python benchmarks/bench_train_e2e.py [--device cpu|cuda] [--quick] [--out DIR] [--no-csv]
     pytest benchmarks/bench_train_e2e.py --benchmark-only      # the CPU model, with pytest-benchmark
@@ -161,7 +163,8 @@ def setup(args: argparse.Namespace) -> Case:
     ids = torch.randint(0, m["vocab"], (m["batch"], m["seq"]), generator=g).to(device)
     row, fields = case_fields(args)
     case = Case({}, row, baseline="frozen", fields=fields, checked=(OURS,), reference="peft_adalora",
-                title=f"{OP}: model {shape_label(m)}, {str(args.dtype)[6:]} base, {device}")  # fmt: skip
+                title=f"{OP}: model {shape_label(m)}, {str(args.dtype)[6:]} base, {device}",
+                host_device=True, host_iters=5)  # fmt: skip
 
     def build(p: str) -> Any:
         if p == "frozen":

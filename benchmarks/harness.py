@@ -66,6 +66,8 @@ COLUMNS = (
     "r",
     "dtype",
     "median_ms",
+    "host_us",
+    "device_us",
     "gpu",
     "torch",
     "triton",
@@ -73,6 +75,9 @@ COLUMNS = (
     "date",
 )
 ENV_COLUMNS = ("gpu", "torch", "triton", "commit", "date")
+# The header before the host_us / device_us columns (2026-12-03): such files get the new header, the
+# two cells empty in their rows (nothing was measured there), at their next append.
+OLD_COLUMNS = tuple(c for c in COLUMNS if c not in ("host_us", "device_us"))
 FLOORS = ("base", "frozen")  # baselines that are a floor (overhead over them); others: speedup over them
 
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -296,6 +301,18 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def upgrade_header(path: Path) -> None:
+    """Rewrite a results CSV of :data:`OLD_COLUMNS` with :data:`COLUMNS`, the new cells empty."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: row.get(c, "") for c in COLUMNS} for row in rows)
+    tmp.replace(path)
+
+
 def append_rows(csv_path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Append ``rows`` (dicts keyed by :data:`COLUMNS`; a relative path lands in ``results/``).
 
@@ -314,7 +331,9 @@ def append_rows(csv_path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path
     if not new:
         with path.open(newline="") as f:
             header = next(csv.reader(f), None)
-        if header is None or tuple(header) != COLUMNS:
+        if header is not None and tuple(header) == OLD_COLUMNS:
+            upgrade_header(path)
+        elif header is None or tuple(header) != COLUMNS:
             raise ValueError(f"{path} has header {header}, expected {list(COLUMNS)}")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -373,6 +392,37 @@ def gpu_median_ms(
     if min_samples > 1:
         rep = max(rep, math.ceil(min_samples * time_cpu(fn, warmup=1, iters=3)))
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median", **kwargs))
+
+
+def enqueue_us(fn: Callable[[], Any], iters: int = 20) -> float:
+    """Median host time of one ``fn()`` in microseconds, the call starting on an idle device and not
+    waited for: Python, autograd, ATen glue and kernel launches (where a layer is host-bound, this
+    exceeds its device time). On the CPU simply its wall time."""
+    fn()
+    times = []
+    for _ in range(iters):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    _sync()
+    return statistics.median(times)
+
+
+def device_us(fn: Callable[[], Any]) -> float | None:
+    """GPU time of one ``fn()`` in microseconds: the summed durations of its kernels (``torch.profiler``,
+    copies and sets included); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync()
+    return float(sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA))
 
 
 def free_memory() -> None:
@@ -583,7 +633,9 @@ class Case:
     ``mode``); ``baseline``: the key every other is compared with, always timed; ``check(key) ->
     (ok, description)``: the one correctness check, run before timing on each key of ``checked``
     (against ``reference``); ``columns``: extra table cells, ``name -> f(key, ms, {key: ms})``;
-    ``failures``: what went wrong while building (see :func:`build_each`)."""
+    ``failures``: what went wrong while building (see :func:`build_each`); ``host_device``: on CUDA
+    also measure each key's ``host_us`` (:func:`enqueue_us`) and ``device_us`` (:func:`device_us`),
+    columns of the table and the CSV (``host_iters`` calls for the enqueue median)."""
 
     providers: dict[str, Any]
     row: dict[str, Any]
@@ -596,12 +648,18 @@ class Case:
     columns: dict[str, Callable[[str, float, dict[str, float]], str]] = field(default_factory=dict)
     title: str = ""
     failures: list[str] = field(default_factory=list)
+    host_device: bool = False
+    host_iters: int = 20
+    split: dict[tuple[str, str | None], tuple[float, float | None]] = field(default_factory=dict)
 
     def provider(self, key: str) -> str:
         return self.fields.get(key, {}).get("provider", key)
 
     def csv_row(self, key: str, mode: str | None, ms: float) -> dict[str, Any]:
         row = {**self.row, "provider": key, **self.fields.get(key, {}), "median_ms": ms}
+        if self.host_device:
+            host, device = self.split.get((key, mode), (None, None))
+            row.update(host_us=host, device_us=device)
         return row if mode is None else {**row, "mode": mode}
 
 
@@ -679,6 +737,25 @@ def _time_gpu(case: Case, keys: list[str], modes: list, args: Any, res: Results,
                 ms[key, mode] = statistics.median(per[key, mode])
                 print(f"  round {i + 1} {key:16s} {mode or '':8s} {t:10.3f} ms", flush=True)
             free_memory()
+    if case.host_device:
+        _time_host_device(case, [k for k in keys if k not in failed], modes, res)
+
+
+def _time_host_device(case: Case, keys: list[str], modes: list, res: Results) -> None:
+    """Each key's enqueue time and kernel time, after the do_bench rounds (a profiler run last)."""
+    for key in keys:
+        for mode in modes:
+            try:
+                step = case.providers[key] if mode is None else case.providers[key](mode)
+                case.split[key, mode] = (enqueue_us(step, case.host_iters), device_us(step))
+            except Exception as err:
+                fail(res.failures, f"{key} {mode or ''} host/device split".replace("  ", " "), err, "cuda")
+            finally:
+                step = None
+            host, device = case.split.get((key, mode), (None, None))
+            if host is not None:
+                print(f"  {key:16s} {mode or '':8s} host {host:9.1f} us  device {device or 0:9.1f} us")
+        free_memory()
 
 
 def _time_cpu(case: Case, keys: list[str], modes: list, args: Any, res: Results, ms: dict) -> None:
@@ -722,7 +799,7 @@ def _time_cpu(case: Case, keys: list[str], modes: list, args: Any, res: Results,
 
 
 def _table(case: Case, keys: list[str], modes: list, ms: dict) -> None:
-    extra = list(case.columns)
+    extra = list(case.columns) + (["host us", "device us"] if case.split else [])
     print("\n| provider | mode | median ms | " + "".join(f"{c} | " for c in extra) + f"vs {case.baseline} |")
     print("|---|---|---:|" + "---:|" * (len(extra) + 1))
     for key in keys:
@@ -731,6 +808,9 @@ def _table(case: Case, keys: list[str], modes: list, ms: dict) -> None:
             mode_name = mode or {**case.row, **case.fields.get(key, {})}.get("mode", "")
             same = {k: v for (k, m), v in ms.items() if m == mode}
             cells = "".join(f"{'-' if t is None else f(key, t, same)} | " for f in case.columns.values())
+            if case.split:
+                host, device = case.split.get((key, mode), (None, None))
+                cells += "".join("- | " if v is None else f"{v:.0f} | " for v in (host, device))
             vs = "" if key == case.baseline else _vs(case, t, ms.get((case.baseline, mode)))
             print(f"| {key} | {mode_name} | {'not measured' if t is None else f'{t:.3f}'} | {cells}{vs} |")
     print(flush=True)

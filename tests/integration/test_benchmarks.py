@@ -72,6 +72,34 @@ def test_runner_times_every_provider_and_writes_the_shared_columns(bench, tmp_pa
     assert all(r["gpu"] == "cpu" and r["date"] and float(r["median_ms"]) >= 0 for r in got)
 
 
+def test_results_of_the_old_header_get_the_host_and_device_columns(bench, tmp_path):
+    """A results CSV written before host_us / device_us: the next append rewrites its header, the old
+    rows keep their values and get empty cells (nothing was measured there)."""
+    harness = bench("harness")
+    path = tmp_path / "old.csv"
+    values = ["op1", "fwd", "base", "1", "1", "1", "", "float32", "0.5"]
+    old_row = dict(zip(harness.OLD_COLUMNS, values, strict=False))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=harness.OLD_COLUMNS)
+        writer.writeheader()
+        writer.writerow({c: old_row.get(c, "x") for c in harness.OLD_COLUMNS})
+    harness.append_rows(path, [{"op": "op2", "provider": "ours", "median_ms": 0.25, "host_us": 12.5}])
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == harness.COLUMNS
+    assert rows[0]["op"] == "op1" and rows[0]["median_ms"] == "0.5" and rows[0]["host_us"] == ""
+    assert rows[0]["date"] == "x"  # the old environment cells are kept
+    assert rows[1]["op"] == "op2" and rows[1]["host_us"] == "12.5" and rows[1]["device_us"] == ""
+
+
+def test_host_and_device_split_on_the_cpu(bench):
+    """enqueue_us times a call; device_us needs CUDA (None here)."""
+    harness = bench("harness")
+    calls = []
+    assert harness.enqueue_us(lambda: calls.append(1), iters=5) > 0 and len(calls) == 6
+    assert harness.device_us(lambda: None) is None
+
+
 def test_runner_refuses_to_time_a_provider_that_fails_its_check(bench, tmp_path, capsys):
     harness = bench("harness")
     calls, setup = _fake(harness, check_ok=False)
