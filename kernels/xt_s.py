@@ -9,10 +9,11 @@ fp32 partial (SPLIT x R x C) and one ``sum`` finishes it, so results are determi
 With one split (short inputs) the kernel stores the result itself, in the factor's dtype and layout
 (dB is (C x R): written through transposed strides), so no ATen op follows it.
 
-``FOLD_DLAM`` (the dQ pass, :func:`xt_s_dlambda`): the programs of the first column block also read
-the forward's S and reduce ``d(lambda)_j = s * sum_m G_mj S_mj`` over their rows, removing the ATen
-ops of that reduction (a product, a sum, a scale, a cast). Opt-in (``FOLD_DLAMBDA``) until a GPU run
-shows the backward faster with it.
+``FOLD_DLAM`` (the dQ pass, :func:`xt_s_dlambda`): one extra column of programs reads G and the
+forward's S and reduces ``d(lambda)_j = s * sum_m G_mj S_mj`` per row split, removing the ATen ops of
+that reduction (a product, a sum, a scale, a cast); the dQ programs keep their code and registers
+(an sm_90 compile shows the same resource use). Opt-in (``FOLD_DLAMBDA``) until a GPU run shows the
+backward faster with it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,27 @@ _EPS = tl.constexpr(RANKNUM_EPS)  # jit code reads only constexpr globals
 
 
 @triton.jit
+def _dlam_partial(
+    g_ptr, s2_ptr, ranknum_ptr, dlam_ptr, m_start, m_end, R,
+    stride_gm, stride_gr, stride_s2m, stride_s2r, stride_d, scaling,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """``scale * sum_m G_mr S_mr`` over rows ``m_start:m_end``, stored at ``dlam_ptr`` (R values)."""
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    acc = tl.zeros((R_PAD,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = r_mask[:, None] & (rows < m_end)[None, :]
+        g = tl.load(g_ptr + offs_r[:, None] * stride_gr + rows[None, :] * stride_gm, mask=mask, other=0.0)
+        s = tl.load(s2_ptr + offs_r[:, None] * stride_s2r + rows[None, :] * stride_s2m, mask=mask, other=0.0)
+        acc += tl.sum(g * s, axis=1)
+    ranknum = tl.load(ranknum_ptr).to(tl.float32)
+    acc = acc * (scaling / (ranknum + _EPS))
+    tl.store(dlam_ptr + offs_r * stride_d, acc.to(dlam_ptr.dtype.element_ty), mask=r_mask)
+
+
+@triton.jit
 def _xt_s_kernel(
     x_ptr, s_ptr, e_ptr, ranknum_ptr, seed_ptr, out_ptr, s2_ptr, dlam_ptr,
     M, C, R, rows_per_split,
@@ -51,54 +73,45 @@ def _xt_s_kernel(
 ):  # fmt: skip
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, R_PAD)
-    c_mask = offs_c < C
-    r_mask = offs_r < R
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
-    acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
-    dlam = tl.zeros((R_PAD,), dtype=tl.float32)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < m_end
-        rm_mask = r_mask[:, None] & m_mask[None, :]
-        s_t = tl.load(
-            s_ptr + offs_r[:, None] * stride_sr + offs_m.to(tl.int64)[None, :] * stride_sm,
-            mask=rm_mask,
-            other=0.0,
-        )
-        if FOLD_DLAM:
-            if pid_c == 0:  # one column block reduces d(lambda) over these rows
-                s2_t = tl.load(
-                    s2_ptr + offs_r[:, None] * stride_s2r + offs_m.to(tl.int64)[None, :] * stride_s2m,
-                    mask=rm_mask,
-                    other=0.0,
-                )
-                dlam += tl.sum(s_t * s2_t, axis=1)
-        x = tl.load(
-            x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-            mask=m_mask[:, None] & c_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+    if FOLD_DLAM and pid_c == tl.cdiv(C, BLOCK_C):
+        # One extra column of programs reduces d(lambda) per split: the dQ tiles keep their registers.
+        _dlam_partial(
+            s_ptr, s2_ptr, ranknum_ptr, dlam_ptr + split * stride_dsplit, m_start, m_end, R,
+            stride_sm, stride_sr, stride_s2m, stride_s2r, stride_e, scaling, R_PAD, BLOCK_M,
+        )  # fmt: skip
+    else:
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_r = tl.arange(0, R_PAD)
+        c_mask = offs_c < C
+        r_mask = offs_r < R
+        acc = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
         if DROPOUT:
-            keep = dropout_keep(seed, offs_m, pid_c * BLOCK_C, p_drop, BLOCK_M, BLOCK_C)
-            x = tl.where(keep, x, 0.0)  # 1/(1-p) on the result: x stays exact in TF32 (see x_at)
-        acc = dot_split_lhs(s_t, x, acc, PREC)
-    if DROPOUT:
-        acc = acc * (1.0 / (1.0 - p_drop))
-    lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling)
-    acc = acc * lam[:, None]
-    out_ptrs = out_ptr + split * stride_osplit + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
-    if FOLD_DLAM:
-        if pid_c == 0:
-            ranknum = tl.load(ranknum_ptr).to(tl.float32)
-            dlam = dlam * (scaling / (ranknum + _EPS))
-            tl.store(dlam_ptr + split * stride_dsplit + offs_r * stride_e, dlam.to(dlam_ptr.dtype.element_ty),
-                     mask=r_mask)  # fmt: skip
+            seed = tl.load(seed_ptr)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < m_end
+            s_t = tl.load(
+                s_ptr + offs_r[:, None] * stride_sr + offs_m.to(tl.int64)[None, :] * stride_sm,
+                mask=r_mask[:, None] & m_mask[None, :],
+                other=0.0,
+            )
+            x = tl.load(
+                x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                mask=m_mask[:, None] & c_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if DROPOUT:
+                keep = dropout_keep(seed, offs_m, pid_c * BLOCK_C, p_drop, BLOCK_M, BLOCK_C)
+                x = tl.where(keep, x, 0.0)  # 1/(1-p) on the result: x stays exact in TF32 (see x_at)
+            acc = dot_split_lhs(s_t, x, acc, PREC)
+        if DROPOUT:
+            acc = acc * (1.0 / (1.0 - p_drop))
+        lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling)
+        acc = acc * lam[:, None]
+        out_ptrs = out_ptr + split * stride_osplit + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
 
 
 # Fold d(lambda) into the dQ pass (xt_s_dlambda) in svd_linear's backward: ADALORA_FAST_FOLD_DLAMBDA=1.
@@ -111,8 +124,10 @@ def _tiles(x: torch.Tensor, r_pad: int) -> tuple[int, int, int]:
         return 64, 32, 4
     if dot_precision(x.dtype) == "ieee":
         return 64, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
-    # (BLOCK_C, BLOCK_M, warps) without spills on sm_90 with the split fp32 operand (two TF32
-    # products), dropout or not (ptxas resource check)
+    # (BLOCK_C, BLOCK_M, warps) for the split fp32 operand (two TF32 products). ptxas for sm_90
+    # (triton 3.9, 2026-12-03; tests/kernels/test_xt_s.py): spill-free without dropout at every r_pad;
+    # with dropout bf16 r_pad 16 spills 24 B, and the IEEE fp32 tiles above 24 B (r_pad 64) and 632 B
+    # (r_pad 128).
     return {16: (128, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8)}[r_pad]
 
 
@@ -161,7 +176,7 @@ def launch_xt_s(
     else:
         dlam, stride_dsplit, s2_strides = out, 0, (0, 0)
     xs, ss = x.stride(), s.stride()
-    _xt_s_kernel[(c_blocks, splits)](
+    _xt_s_kernel[(c_blocks + fold, splits)](
         x, s, lora_E, ranknum, seed if seed is not None else out, out, s_fwd if fold else s, dlam,
         M, C, R, rows_per_split,
         xs[0], xs[1], ss[0], ss[1], lora_E.stride(0), stride_split, stride_or, stride_oc,

@@ -361,15 +361,10 @@ def test_llama_sized_factors_on_gpu():
 
 # ---- compiled for sm_90 (no GPU needed) ---------------------------------------------------------
 AOT_SCRIPT = """
-import os, subprocess, sys, tempfile
-os.environ["TRITON_INTERPRET"] = "0"
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton.language as tl
 from adalora_fast.kernels import orth_defect as od
+from tests.kernels.sm90 import resource_usage
 
-bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-target = GPUTarget("cuda", 90, 32)
 common = {"DTYPE": tl.float32, "COLS": od.TABLE_COLUMNS}
 fwd_sig = {"table_ptr": "*i64", "unit_ptr": "*fp32", "norm_ptr": "*fp32", "R_MAX": "i32"}
 bwd_sig = {"table_ptr": "*i64", "work_ptr": "*i64", "unit_ptr": "*fp32", "g_ptr": "*fp32",
@@ -382,33 +377,17 @@ for r_pad in (16, 32, 64, 128):
          "BLOCK_R": od._block_r(r_pad), "BLOCK_L": od._block_l(r_pad, True)}),
     ]
     for name, fn, sig, stages, consts in variants:
-        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-        options = {"num_warps": od._num_warps(r_pad), "num_stages": stages}
-        k = triton.compile(src, target=target, options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-        os.unlink(f.name)
-        usage = [line.strip() for line in out.splitlines() if "REG:" in line]
-        print(name, r_pad, usage[0])
-        assert "STACK:0 " in usage[0], (name, r_pad, usage)
+        usage = resource_usage(fn, sig, consts, num_warps=od._num_warps(r_pad), num_stages=stages)
+        print(name, r_pad, usage)
+        assert "STACK:0 " in usage, (name, r_pad, usage)
 """
 
 
 @pytest.mark.slow
 def test_fp32_kernels_compile_for_sm90_without_spills():
     """ptxas (shipped with Triton) compiles the IEEE fp32 variants, the spill-prone ones, for sm_90."""
-    import os
-    import subprocess
-    import sys
+    from tests.kernels.sm90 import run_script, skip_without_tools
 
-    import triton
-
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, b)) for b in ("ptxas", "cuobjdump")):
-        pytest.skip("no ptxas / cuobjdump in the Triton install")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("STACK:0 ") == 8, proc.stdout
+    skip_without_tools()
+    out = run_script(AOT_SCRIPT)
+    assert out.count("STACK:0 ") == 8, out
