@@ -4,7 +4,9 @@ Providers, all on one frozen base ``nn.Linear`` (bias=False) and one set of adap
 ``base`` (the frozen layer alone, the floor; rows have ``r`` empty), ``fused``
 (``adalora_fast.SVDLinear``, backend "triton"), ``torch`` (the same, backend "torch") and ``peft``
 (PEFT 0.21's ``peft.tuners.adalora.layer.SVDLinear``, lora_dropout 0) and ``peft_lora`` (PEFT's LoRA
-``Linear`` at the same rank: timed, not checked). Adapters are fp32 with random
+``Linear`` at the same rank: timed, not checked); on CUDA with ``--providers ... fused_graphed``
+also ``fused_graphed`` and ``base_graphed`` (the layer and the frozen base captured by
+``torch.cuda.make_graphed_callables``: static shapes, no host work per call). Adapters are fp32 with random
 non-zero A, E, B (the adapter term about as large as the base's output); x is (tokens, d_in) and
 requires grad. Modes (``harness.MODES``): ``fwd`` (forward with autograd recording), ``bwd``
 (backward alone), ``fwd+bwd``; every gradient is set to None before each call. The check, before
@@ -26,6 +28,7 @@ On CUDA: the Llama-7B grid (4096->4096, 4096->11008, 11008->4096; tokens 2048 / 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import sys
 from typing import Any
@@ -39,7 +42,7 @@ from torch import nn
 from adalora_fast.testing import max_rel_err
 
 OP = "svd_linear"
-PROVIDERS = ("base", "fused", "torch", "peft", "peft_lora")
+PROVIDERS = ("base", "fused", "torch", "peft", "peft_lora", "fused_graphed", "base_graphed")
 BACKENDS = {"fused": "triton", "torch": "torch"}
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 GPU_TOKENS, GPU_RANKS = (2048, 8192, 16384), (8, 12, 32, 64)
@@ -129,7 +132,17 @@ def inputs(d_in: int, d_out: int, tokens: int, device: str, dtype: torch.dtype) 
     return frozen_linear(d_in, d_out, device, dtype, seed=SEED), x, dy
 
 
-def build(provider: str, base: nn.Linear, r: int) -> nn.Module:
+def graph(layer: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``layer`` with its forward and backward captured as CUDA graphs
+    (``torch.cuda.make_graphed_callables``; x's shape is then fixed): what static-shape training
+    replays, with no Python, autograd or launch work per call."""
+    return torch.cuda.make_graphed_callables(layer, (x.detach().clone().requires_grad_(True),))
+
+
+def build(provider: str, base: nn.Linear, r: int, x: torch.Tensor | None = None) -> nn.Module:
+    if provider == "fused_graphed":
+        assert x is not None
+        return graph(make_ours(base, r, "triton"), x)
     if provider == "peft":
         return make_peft(base, make_ours(base, r, "torch"))
     if provider == "peft_lora":
@@ -153,14 +166,20 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
         host_device=True,
     )
     layers = {"base": base}
+    graphed = device == "cuda" and "fused_graphed" in providers
+    if graphed:  # the frozen layer captured too: graphed vs graphed, both without their host work
+        layers.update(harness.build_each(["base_graphed"], lambda _k: graph(copy.deepcopy(base), x),
+                                         case.failures))  # fmt: skip
+        case.fields["base_graphed"] = {"r": None}
     for r in ranks:
         wanted = harness.timed_here(
             [p for p in ("fused", "torch", "peft", "peft_lora") if p == "torch" or p in providers], device
         )
-        names = [f"{p} r{r}" for p in wanted]
-        layers.update(harness.build_each(names, lambda k, r=r: build(k.split()[0], base, r), case.failures))
+        names = [f"{p} r{r}" for p in wanted] + ([f"fused_graphed r{r}"] if graphed else [])
+        build_one = functools.partial(lambda key, r: build(key.split()[0], base, r, x), r=r)
+        layers.update(harness.build_each(names, build_one, case.failures))
     for key in layers:
-        if key != "base":
+        if key not in ("base", "base_graphed"):
             case.fields[key] = {"provider": key.split()[0], "r": int(key.split()[1][1:])}
     case.checked = [k for k in layers if k.startswith(("fused", "peft "))]
     case.providers = {
@@ -203,6 +222,18 @@ def goal_line(res: harness.Results) -> str:
     return f"{what}: {fused:.3f} ms vs {base:.3f} ms = {pct:+.1f}% (goal <= +{GOAL_PCT:.0f}%): {verdict}"
 
 
+def graphed_line(res: harness.Results) -> str:
+    """The goal point with both layers captured as CUDA graphs (no host work): what static-shape
+    training reaches."""
+    g = {"op": OP, "mode": "fwd+bwd", "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
+    fused = res.get(provider="fused_graphed", r=GOAL["r"], **g)
+    base = res.get(provider="base_graphed", **g)
+    what = f"graphed fused fwd+bwd vs graphed base fwd+bwd at the goal point (r {GOAL['r']})"
+    if fused is None or base is None:
+        return f"{what}: NOT MEASURED (needs CUDA and --providers ... fused_graphed)"
+    return f"{what}: {fused:.3f} ms vs {base:.3f} ms = {harness.overhead_pct(fused, base):+.1f}%"
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -222,6 +253,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if "fused_graphed" in args.providers and "base_graphed" not in args.providers:
+        args.providers.append("base_graphed")  # graphed rows are compared with the graphed base
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if cuda:
@@ -240,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         title=f"{OP} benchmark",
         device=device,
         csv_names=("gpu_svd_linear.csv", "cpu_svd_linear.csv"),
-        goals=lambda res: [goal_line(res)],
+        goals=lambda res: [goal_line(res), graphed_line(res)],
         intro=intro,
     )
 

@@ -243,7 +243,8 @@ fi
 if want grid; then
     LAST_RC=0
     step "bench full grid" 230 "$OUTDIR/bench_svd_linear.log" \
-        "$PY" benchmarks/bench_svd_linear.py --out "$OUTDIR" --warmup 10 --rep 40
+        "$PY" benchmarks/bench_svd_linear.py --out "$OUTDIR" --warmup 10 --rep 40 \
+        --providers base fused torch peft peft_lora
     if ((LAST_RC == 124 || LAST_RC == 137)); then
         note "bench full grid: INCOMPLETE (cut by the deadline; the rows measured so far are in gpu_svd_linear.csv)"
     elif ((LAST_RC != 0)); then

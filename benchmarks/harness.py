@@ -526,7 +526,7 @@ def fused_problem(op: str, device: str | torch.device) -> str | None:
 def timed_here(providers: Iterable[str], device: str) -> list[str]:
     """``providers`` without ``fused`` off CUDA (the kernels would run in Triton's interpreter there,
     which is no performance figure; :func:`run` says so)."""
-    return [p for p in providers if device == "cuda" or p != "fused"]
+    return [p for p in providers if device == "cuda" or not p.startswith("fused")]
 
 
 # ---- process set-up -----------------------------------------------------------------------------
