@@ -4,6 +4,7 @@ model (:meth:`adalora_fast.AdaLoraModel.save_pretrained` / ``from_pretrained``) 
 back ``{module: {factor: tensor}}`` dicts, configs and allocator state dicts.
 """
 
+from . import transaction
 from .peft_format import (
     BIN_WEIGHTS_NAME,
     CONFIG_NAME,
@@ -16,6 +17,7 @@ from .training_state import NONFINITE_KEY, STATE_FORMAT, STATE_NAME
 
 # Every file a save writes into a checkpoint folder (each save changes them together: .transaction).
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, BIN_WEIGHTS_NAME, MODEL_CARD_NAME, STATE_NAME)
+transaction.own(CHECKPOINT_FILES)  # the only files a commit record may name
 
 __all__ = [
     "CHECKPOINT_FILES",
