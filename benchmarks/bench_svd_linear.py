@@ -4,7 +4,9 @@ Providers, all on one frozen base ``nn.Linear`` (bias=False) and one set of adap
 ``base`` (the frozen layer alone, the floor; rows have ``r`` empty), ``fused``
 (``adalora_fast.SVDLinear``, backend "triton"), ``torch`` (the same, backend "torch") and ``peft``
 (PEFT 0.21's ``peft.tuners.adalora.layer.SVDLinear``, lora_dropout 0) and ``peft_lora`` (PEFT's LoRA
-``Linear`` at the same rank: timed, not checked); on CUDA with ``--providers ... fused_graphed``
+``Linear`` at the same rank: timed, not checked), ``fused_fold`` (``fused`` with
+``ADALORA_FAST_FOLD_DLAMBDA``: d(lambda) reduced in the dQ kernel, opt-in until this benchmark shows
+it faster); on CUDA with ``--providers ... fused_graphed``
 also ``fused_graphed`` and ``base_graphed`` (the layer and the frozen base captured by
 ``torch.cuda.make_graphed_callables``: static shapes, no host work per call). Adapters are fp32 with random
 non-zero A, E, B (the adapter term about as large as the base's output); x is (tokens, d_in) and
@@ -42,8 +44,8 @@ from torch import nn
 from adalora_fast.testing import max_rel_err
 
 OP = "svd_linear"
-PROVIDERS = ("base", "fused", "torch", "peft", "peft_lora", "fused_graphed", "base_graphed")
-BACKENDS = {"fused": "triton", "torch": "torch"}
+PROVIDERS = ("base", "fused", "fused_fold", "torch", "peft", "peft_lora", "fused_graphed", "base_graphed")
+BACKENDS = {"fused": "triton", "fused_fold": "triton", "torch": "torch"}
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 GPU_TOKENS, GPU_RANKS = (2048, 8192, 16384), (8, 12, 32, 64)
 GOAL = {"d_in": 4096, "d_out": 4096, "tokens": 8192, "r": 12}
@@ -132,6 +134,21 @@ def inputs(d_in: int, d_out: int, tokens: int, device: str, dtype: torch.dtype) 
     return frozen_linear(d_in, d_out, device, dtype, seed=SEED), x, dy
 
 
+def with_fold(fn: Any) -> Any:
+    """``fn`` run with ``ADALORA_FAST_FOLD_DLAMBDA`` on (d(lambda) reduced in the dQ kernel), its
+    backward included: the ``fused_fold`` provider, side by side with ``fused``."""
+    from adalora_fast.kernels import xt_s
+
+    def run(*args: Any) -> Any:
+        fold, xt_s.FOLD_DLAMBDA = xt_s.FOLD_DLAMBDA, True
+        try:
+            return fn(*args)
+        finally:
+            xt_s.FOLD_DLAMBDA = fold
+
+    return run
+
+
 def graph(layer: nn.Module, x: torch.Tensor) -> nn.Module:
     """``layer`` with its forward and backward captured as CUDA graphs
     (``torch.cuda.make_graphed_callables``; x's shape is then fixed): what static-shape training
@@ -172,9 +189,8 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
                                          case.failures))  # fmt: skip
         case.fields["base_graphed"] = {"r": None}
     for r in ranks:
-        wanted = harness.timed_here(
-            [p for p in ("fused", "torch", "peft", "peft_lora") if p == "torch" or p in providers], device
-        )
+        eager = ("fused", "fused_fold", "torch", "peft", "peft_lora")
+        wanted = harness.timed_here([p for p in eager if p == "torch" or p in providers], device)
         names = [f"{p} r{r}" for p in wanted] + ([f"fused_graphed r{r}"] if graphed else [])
         build_one = functools.partial(lambda key, r: build(key.split()[0], base, r, x), r=r)
         layers.update(harness.build_each(names, build_one, case.failures))
@@ -182,12 +198,12 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
         if key not in ("base", "base_graphed"):
             case.fields[key] = {"provider": key.split()[0], "r": int(key.split()[1][1:])}
     case.checked = [k for k in layers if k.startswith(("fused", "peft "))]
-    case.providers = {
-        key: functools.partial(
-            lambda layer, mode: layer_step(mode, layer, x, dy, [x, *layer.parameters()]), layer
-        )
-        for key, layer in layers.items()
-    }
+
+    def step(key: str, layer: nn.Module, mode: str) -> Any:
+        fn = layer_step(mode, layer, x, dy, [x, *layer.parameters()])
+        return with_fold(fn) if key.startswith("fused_fold") else fn
+
+    case.providers = {key: functools.partial(step, key, layer) for key, layer in layers.items()}
 
     def check(key: str) -> tuple[bool, str]:
         ref = layers.get(f"torch {key.split()[1]}")
@@ -196,7 +212,9 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
         problem = fused_problem(layers[key], x) if key.startswith("fused") else None
         if problem is not None:
             return False, problem
-        got, want = outputs_and_grads(layers[key], x, dy), outputs_and_grads(ref, x, dy)
+        got = with_fold(outputs_and_grads)(layers[key], x, dy) if key.startswith("fused_fold") else None
+        got = got or outputs_and_grads(layers[key], x, dy)
+        want = outputs_and_grads(ref, x, dy)
         errs = {k: max_rel_err(got.get(k), v) for k, v in want.items()}
         desc = " ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (max rel, tol {TOL[dtype]:g})"
         return all(e <= TOL[dtype] for e in errs.values()), desc  # NaN compares False: a failure
@@ -220,6 +238,17 @@ def goal_line(res: harness.Results) -> str:
     pct = harness.overhead_pct(fused, base)
     verdict = "MET" if pct <= GOAL_PCT else "NOT MET"
     return f"{what}: {fused:.3f} ms vs {base:.3f} ms = {pct:+.1f}% (goal <= +{GOAL_PCT:.0f}%): {verdict}"
+
+
+def fold_line(res: harness.Results) -> str:
+    """Whether ``ADALORA_FAST_FOLD_DLAMBDA`` should become the default: fused_fold vs fused, the
+    backward at the goal point."""
+    g = {"op": OP, "mode": "bwd", "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
+    fold, plain = (res.get(provider=p, r=GOAL["r"], **g) for p in ("fused_fold", "fused"))
+    what = f"fused_fold bwd vs fused bwd at the goal point (r {GOAL['r']})"
+    if fold is None or plain is None:
+        return f"{what}: NOT MEASURED (needs CUDA)"
+    return f"{what}: {fold:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(fold, plain):+.1f}%"
 
 
 def graphed_line(res: harness.Results) -> str:
@@ -273,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         title=f"{OP} benchmark",
         device=device,
         csv_names=("gpu_svd_linear.csv", "cpu_svd_linear.csv"),
-        goals=lambda res: [goal_line(res), graphed_line(res)],
+        goals=lambda res: [goal_line(res), fold_line(res), graphed_line(res)],
         intro=intro,
     )
 

@@ -161,7 +161,7 @@ def test_svd_linear_providers_agree_and_the_check_catches_a_difference(bench):
     assert list(case.providers) == ["base", "torch r3", "peft r3"] and case.checked == ["peft r3"]
     assert case.check("peft r3")[0]
     with torch.no_grad():
-        next(iter(case.providers["peft r3"].args[0].lora_E.values())).mul_(1.01)
+        next(iter(case.providers["peft r3"].args[1].lora_E.values())).mul_(1.01)
     assert not case.check("peft r3")[0]
 
 
