@@ -119,7 +119,12 @@ def launch_x_at(
         block_m, block_k, warps = 64, 64, 4
     elif dot_precision(x.dtype) == "ieee":
         block_m, block_k, warps = 32, 32, 8  # IEEE fp32 dots run on FMA units: small tiles, no spills
-    else:  # 64 x 128 / 4 warps spilled on sm_90 with the split fp32 operand (two TF32 products)
+    elif r_pad == 16 and not dropout:
+        # The H100 tile sweep (benchmarks/results/gpu_profile.csv, 98e65de, 4096 wide, 8,192 rows,
+        # r 12, bf16): 32 x 128 / 4 warps took 47 / 50 us for S = x A^T / G = dy B against 66 /
+        # 108 us with 64 x 64 / 8 warps, the fastest of the 7 tiles tried.
+        block_m, block_k, warps = 32, 128, 4
+    else:  # not swept on a GPU yet; 64 x 128 / 4 warps spilled on sm_90 with the split fp32 operand
         block_m, block_k, warps = 64, 64, 8
     xs, as_, os_ = x.stride(), a.stride(), out.stride()
     _x_at_kernel[(cdiv(M, block_m),)](
