@@ -6,7 +6,8 @@ Providers, all on one frozen base ``nn.Linear`` (bias=False) and one set of adap
 (PEFT 0.21's ``peft.tuners.adalora.layer.SVDLinear``, lora_dropout 0) and ``peft_lora`` (PEFT's LoRA
 ``Linear`` at the same rank: timed, not checked), ``fused_fold`` (``fused`` with
 ``ADALORA_FAST_FOLD_DLAMBDA``: d(lambda) reduced in the dQ kernel, opt-in until this benchmark shows
-it faster); on CUDA with ``--providers ... fused_graphed``
+it faster), ``fused_tma`` (``fused`` with ``ADALORA_FAST_TMA_GEMM``: y and dx on the persistent TMA
+GEMM, opt-in likewise); on CUDA with ``--providers ... fused_graphed``
 also ``fused_graphed`` and ``base_graphed`` (the layer and the frozen base captured by
 ``torch.cuda.make_graphed_callables``: static shapes, no host work per call). Adapters are fp32 with random
 non-zero A, E, B (the adapter term about as large as the base's output); x is (tokens, d_in) and
@@ -44,8 +45,9 @@ from torch import nn
 from adalora_fast.testing import max_rel_err
 
 OP = "svd_linear"
-PROVIDERS = ("base", "fused", "fused_fold", "torch", "peft", "peft_lora", "fused_graphed", "base_graphed")
-BACKENDS = {"fused": "triton", "fused_fold": "triton", "torch": "torch"}
+PROVIDERS = ("base", "fused", "fused_fold", "fused_tma", "torch", "peft", "peft_lora", "fused_graphed",
+             "base_graphed")  # fmt: skip
+BACKENDS = {"fused": "triton", "fused_fold": "triton", "fused_tma": "triton", "torch": "torch"}
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 GPU_TOKENS, GPU_RANKS = (2048, 8192, 16384), (8, 12, 32, 64)
 GOAL = {"d_in": 4096, "d_out": 4096, "tokens": 8192, "r": 12}
@@ -134,17 +136,26 @@ def inputs(d_in: int, d_out: int, tokens: int, device: str, dtype: torch.dtype) 
     return frozen_linear(d_in, d_out, device, dtype, seed=SEED), x, dy
 
 
-def with_fold(fn: Any) -> Any:
-    """``fn`` run with ``ADALORA_FAST_FOLD_DLAMBDA`` on (d(lambda) reduced in the dQ kernel), its
-    backward included: the ``fused_fold`` provider, side by side with ``fused``."""
-    from adalora_fast.kernels import xt_s
+# Opt-in kernels, each a provider of its own: (kernel module, its switch).
+OPT_IN = {"fused_fold": ("xt_s", "FOLD_DLAMBDA"), "fused_tma": ("xw_plus_sb_tma", "TMA_GEMM")}
+
+
+def opted_in(provider: str, fn: Any) -> Any:
+    """``fn`` run with ``provider``'s opt-in switch on (its backward included), or ``fn`` itself."""
+    if provider not in OPT_IN:
+        return fn
+    import importlib
+
+    module_name, switch = OPT_IN[provider]
+    module = importlib.import_module(f"adalora_fast.kernels.{module_name}")
 
     def run(*args: Any) -> Any:
-        fold, xt_s.FOLD_DLAMBDA = xt_s.FOLD_DLAMBDA, True
+        before = getattr(module, switch)
+        setattr(module, switch, True)
         try:
             return fn(*args)
         finally:
-            xt_s.FOLD_DLAMBDA = fold
+            setattr(module, switch, before)
 
     return run
 
@@ -189,7 +200,7 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
                                          case.failures))  # fmt: skip
         case.fields["base_graphed"] = {"r": None}
     for r in ranks:
-        eager = ("fused", "fused_fold", "torch", "peft", "peft_lora")
+        eager = ("fused", "fused_fold", "fused_tma", "torch", "peft", "peft_lora")
         wanted = harness.timed_here([p for p in eager if p == "torch" or p in providers], device)
         names = [f"{p} r{r}" for p in wanted] + ([f"fused_graphed r{r}"] if graphed else [])
         build_one = functools.partial(lambda key, r: build(key.split()[0], base, r, x), r=r)
@@ -201,7 +212,7 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
 
     def step(key: str, layer: nn.Module, mode: str) -> Any:
         fn = layer_step(mode, layer, x, dy, [x, *layer.parameters()])
-        return with_fold(fn) if key.startswith("fused_fold") else fn
+        return opted_in(key.split()[0], fn)
 
     case.providers = {key: functools.partial(step, key, layer) for key, layer in layers.items()}
 
@@ -212,8 +223,7 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
         problem = fused_problem(layers[key], x) if key.startswith("fused") else None
         if problem is not None:
             return False, problem
-        got = with_fold(outputs_and_grads)(layers[key], x, dy) if key.startswith("fused_fold") else None
-        got = got or outputs_and_grads(layers[key], x, dy)
+        got = opted_in(key.split()[0], outputs_and_grads)(layers[key], x, dy)
         want = outputs_and_grads(ref, x, dy)
         errs = {k: max_rel_err(got.get(k), v) for k, v in want.items()}
         desc = " ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (max rel, tol {TOL[dtype]:g})"
@@ -249,6 +259,21 @@ def fold_line(res: harness.Results) -> str:
     if fold is None or plain is None:
         return f"{what}: NOT MEASURED (needs CUDA)"
     return f"{what}: {fold:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(fold, plain):+.1f}%"
+
+
+def tma_line(res: harness.Results) -> str:
+    """Whether ``ADALORA_FAST_TMA_GEMM`` should become the default: fused_tma vs fused, fwd+bwd at the
+    goal point, and its overhead over the base."""
+    g = {"op": OP, "mode": "fwd+bwd", "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
+    tma, plain = (res.get(provider=p, r=GOAL["r"], **g) for p in ("fused_tma", "fused"))
+    base = res.get(provider="base", **g)
+    what = f"fused_tma fwd+bwd vs fused fwd+bwd at the goal point (r {GOAL['r']})"
+    if tma is None or plain is None or base is None:
+        return f"{what}: NOT MEASURED (needs CUDA)"
+    return (
+        f"{what}: {tma:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(tma, plain):+.1f}%; "
+        f"over the base {harness.overhead_pct(tma, base):+.1f}% (goal <= +{GOAL_PCT:.0f}%)"
+    )
 
 
 def graphed_line(res: harness.Results) -> str:
@@ -302,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         title=f"{OP} benchmark",
         device=device,
         csv_names=("gpu_svd_linear.csv", "cpu_svd_linear.csv"),
-        goals=lambda res: [goal_line(res), fold_line(res), graphed_line(res)],
+        goals=lambda res: [goal_line(res), fold_line(res), tma_line(res), graphed_line(res)],
         intro=intro,
     )
 

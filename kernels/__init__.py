@@ -11,8 +11,12 @@ Index (file: what it computes; who calls it):
   backward ``G = dy P``).
 - ``xw_plus_sb.py``: ``Y = X W + b + drop(S diag(s λ) B)``, the base GEMM with the low-rank term in its
   accumulator; ``svd_linear`` (forward ``y``, backward ``dx``, inference with S computed inside).
-- ``xt_s.py``: ``diag(s λ) S^T drop(X)``, row-split partials summed in a fixed order; ``svd_linear``
-  (``dQ`` from x, ``dP`` from dy).
+- ``xw_plus_sb_tma.py``: the same ``Y`` as a persistent GEMM fed and stored by TMA tensor descriptors
+  (fp16 / bf16, sm_90); ``svd_linear`` (forward ``y``, backward ``dx``) with
+  ``ADALORA_FAST_TMA_GEMM=1`` (opt-in until a GPU run shows it faster).
+- ``xt_s.py``: ``diag(s λ) S^T drop(X)``, row-split partials summed in a fixed order, stored in the
+  factor's dtype and layout; with d(λ) reduced in the same launch (``ADALORA_FAST_FOLD_DLAMBDA=1``,
+  opt-in); ``svd_linear`` (``dQ`` from x, ``dP`` from dy).
 - ``y_plus_sb.py``: ``Y += drop(S diag(s λ) B)`` in place, the low-rank term added into an output another
   kernel made; ``base_plus_svd`` (forward ``y``, backward ``dx``).
 - ``base_plus_svd.py``: the adapted layer on a base whose product another library computes

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import xt_s as xt_s_module
+from . import xw_plus_sb_tma
 from ._common import adapter_reason, check_seed, device_guard
 from .constants import MAX_RANK, RANKNUM_EPS, SUPPORTED_DTYPES
 from .x_at import launch_x_at
@@ -61,11 +62,20 @@ def svd_linear_fwd(
     )
 
 
+def _gemm(x, w_kn, bias, s, b_rn, lora_E, ranknum, scaling, seed, dropout_p) -> torch.Tensor:
+    """``x W + b + drop(S diag(lambda*s) B)``: the persistent TMA GEMM where it is switched on
+    (``ADALORA_FAST_TMA_GEMM=1``) and can run, else ``xw_plus_sb``."""
+    if xw_plus_sb_tma.TMA_GEMM and xw_plus_sb_tma.tma_reason(x, w_kn, s) is None:
+        return xw_plus_sb_tma.launch_xw_plus_sb_tma(
+            x, w_kn, bias, s, b_rn, lora_E, ranknum, scaling, seed, dropout_p
+        )
+    return launch_xw_plus_sb(x, w_kn, bias, s, b_rn, lora_E, ranknum, scaling, None, seed, dropout_p)
+
+
 def _forward_impl(x, weight, bias, lora_A, lora_E, lora_B, ranknum, seed, dropout_p, scaling, fan_in_fan_out):
     with device_guard(x):
         s = launch_x_at(x, lora_A, seed, dropout_p)
-        w_kn = _w_kn(weight, fan_in_fan_out)
-        y = launch_xw_plus_sb(x, w_kn, bias, s, lora_B.t(), lora_E, ranknum, scaling, None, None, 0.0)
+        y = _gemm(x, _w_kn(weight, fan_in_fan_out), bias, s, lora_B.t(), lora_E, ranknum, scaling, None, 0.0)
     return y, s
 
 
@@ -142,7 +152,7 @@ def _backward_impl(
     dx = dA = dE = dB = None
     if need_x:
         w_nk = _w_kn(weight, fan_in_fan_out).t()
-        dx = launch_xw_plus_sb(dy, w_nk, None, g, lora_A, lora_E, ranknum, scaling, None, seed, dropout_p)
+        dx = _gemm(dy, w_nk, None, g, lora_A, lora_E, ranknum, scaling, seed, dropout_p)
     fold = need_A and need_E and xt_s_module.FOLD_DLAMBDA
     if need_A:
         dA, dE = launch_xt_s(

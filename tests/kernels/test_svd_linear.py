@@ -203,6 +203,42 @@ def test_backward_with_the_lambda_gradient_folded(case, device, poison_empty):
         check_case(case, device)
 
 
+TMA_GRID = [  # rows of 16-byte aligned width (d_in, d_out multiples of 8 in fp16 / bf16)
+    Case(1, 16, 8, 1),
+    Case(33, 64, 96, 12, p=0.3),
+    Case(7, 40, 24, 3, lead=(2,), fiff=True, bias=False),
+    Case(129, 72, 48, 64, masked=True, p=0.2),
+    Case(20, 32, 136, 12, fiff=True, masked=True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", TMA_GRID, ids=str)
+def test_fp16_forward_and_gradients_on_the_tma_gemm(case, device, poison_empty):
+    """ADALORA_FAST_TMA_GEMM (opt-in): the forward's y and the backward's dx on the persistent TMA GEMM
+    (the shapes whose rows are 16-byte aligned), every output against float64 as on the default path."""
+    calls = []
+    real = kernels.xw_plus_sb_tma.launch_xw_plus_sb_tma
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    case = Case(**{**case.__dict__, "dtype": torch.float16})
+    with mock.patch.object(kernels.xw_plus_sb_tma, "TMA_GEMM", True), \
+            mock.patch.object(kernels.xw_plus_sb_tma, "launch_xw_plus_sb_tma", counted):  # fmt: skip
+        check_case(case, device)
+    assert len(calls) == 2  # y and dx
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in DEVICES, reason="bf16 numerics need compiled kernels on CUDA")
+@pytest.mark.parametrize("case", TMA_GRID, ids=str)
+def test_bf16_forward_and_gradients_on_the_tma_gemm_on_gpu(case):
+    with mock.patch.object(kernels.xw_plus_sb_tma, "TMA_GEMM", True):
+        check_case(Case(**{**case.__dict__, "dtype": torch.bfloat16}), "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif("cuda" not in DEVICES, reason="bf16 numerics need compiled kernels on CUDA")
 @pytest.mark.parametrize("case", GRID[::3], ids=str)
