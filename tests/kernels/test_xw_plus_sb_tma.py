@@ -13,8 +13,9 @@ mod = pytest.importorskip("adalora_fast.kernels.xw_plus_sb_tma")
 from adalora_fast.kernels import xw_plus_sb as plain  # noqa: E402
 from adalora_fast.kernels.dropout_mask import dropout_mask  # noqa: E402
 
+from tests.kernels.test_xw_plus_sb import SCALING, _ref  # noqa: E402  (the float64 reference)
+
 DEVICES = kernel_devices()
-SCALING = 6.0
 TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -27,14 +28,6 @@ def _inputs(M, K, N, R, dtype, device, w_nk, bias, seed=0):
     b = rand(N).to(dtype) if bias else None
     s, b_rn, E = rand(M, R), rand(R, N), rand(R, 1)
     return x, w_kn, b, s, b_rn, E, torch.tensor([R + 2.0], device=device)
-
-
-def _ref(x, w_kn, bias, s, b_rn, E, ranknum, keep=None, p=0.0):
-    low = (s.double() * (E.double().T * SCALING / (ranknum.double() + 1e-5))) @ b_rn.double()
-    if keep is not None:
-        low = torch.where(keep, low / (1 - p), 0.0)
-    y = x.double() @ w_kn.double() + low
-    return y if bias is None else y + bias.double()
 
 
 def _dtypes(device: str) -> list[torch.dtype]:
