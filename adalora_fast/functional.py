@@ -80,8 +80,15 @@ def svd_linear(
         )
     choice = svd_linear_choice(x, weight, lora_A, backend)
     if choice.backend == "triton":
+        from .kernels import base_plus_svd
         from .kernels import svd_linear as kernel
 
+        if base_plus_svd.FLOAT_BASES:  # opt-in: cuBLAS GEMMs, the low-rank term added into their output
+            y = base_linear(x, weight, bias, fan_in_fan_out)
+            xa = x.to(y.dtype) if kernel.autocast_dtype(x.device.type) is not None else x
+            return base_plus_svd.base_plus_svd(
+                y, xa, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p=dropout_p
+            )
         return kernel.svd_linear(
             x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling,
             dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out,

@@ -7,7 +7,8 @@ Providers, all on one frozen base ``nn.Linear`` (bias=False) and one set of adap
 ``Linear`` at the same rank: timed, not checked), ``fused_fold`` (``fused`` with
 ``ADALORA_FAST_FOLD_DLAMBDA``: d(lambda) reduced in the dQ kernel, opt-in until this benchmark shows
 it faster), ``fused_tma`` (``fused`` with ``ADALORA_FAST_TMA_GEMM``: y and dx on the persistent TMA
-GEMM, opt-in likewise); on CUDA with ``--providers ... fused_graphed``
+GEMM, opt-in likewise), ``fused_cublas`` (``ADALORA_FAST_CUBLAS_GEMM``: cuBLAS GEMMs, the low-rank
+term added into their outputs, opt-in likewise); on CUDA with ``--providers ... fused_graphed``
 also ``fused_graphed`` and ``base_graphed`` (the layer and the frozen base captured by
 ``torch.cuda.make_graphed_callables``: static shapes, no host work per call). Adapters are fp32 with random
 non-zero A, E, B (the adapter term about as large as the base's output); x is (tokens, d_in) and
@@ -45,9 +46,10 @@ from torch import nn
 from adalora_fast.testing import max_rel_err
 
 OP = "svd_linear"
-PROVIDERS = ("base", "fused", "fused_fold", "fused_tma", "torch", "peft", "peft_lora", "fused_graphed",
-             "base_graphed")  # fmt: skip
-BACKENDS = {"fused": "triton", "fused_fold": "triton", "fused_tma": "triton", "torch": "torch"}
+PROVIDERS = ("base", "fused", "fused_fold", "fused_tma", "fused_cublas", "torch", "peft", "peft_lora",
+             "fused_graphed", "base_graphed")  # fmt: skip
+BACKENDS = {"fused": "triton", "fused_fold": "triton", "fused_tma": "triton", "fused_cublas": "triton",
+            "torch": "torch"}  # fmt: skip
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 GPU_TOKENS, GPU_RANKS = (2048, 8192, 16384), (8, 12, 32, 64)
 GOAL = {"d_in": 4096, "d_out": 4096, "tokens": 8192, "r": 12}
@@ -137,7 +139,11 @@ def inputs(d_in: int, d_out: int, tokens: int, device: str, dtype: torch.dtype) 
 
 
 # Opt-in kernels, each a provider of its own: (kernel module, its switch).
-OPT_IN = {"fused_fold": ("xt_s", "FOLD_DLAMBDA"), "fused_tma": ("xw_plus_sb_tma", "TMA_GEMM")}
+OPT_IN = {
+    "fused_fold": ("xt_s", "FOLD_DLAMBDA"),
+    "fused_tma": ("xw_plus_sb_tma", "TMA_GEMM"),
+    "fused_cublas": ("base_plus_svd", "FLOAT_BASES"),
+}
 
 
 def opted_in(provider: str, fn: Any) -> Any:
@@ -200,7 +206,7 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
                                          case.failures))  # fmt: skip
         case.fields["base_graphed"] = {"r": None}
     for r in ranks:
-        eager = ("fused", "fused_fold", "fused_tma", "torch", "peft", "peft_lora")
+        eager = ("fused", "fused_fold", "fused_tma", "fused_cublas", "torch", "peft", "peft_lora")
         wanted = harness.timed_here([p for p in eager if p == "torch" or p in providers], device)
         names = [f"{p} r{r}" for p in wanted] + ([f"fused_graphed r{r}"] if graphed else [])
         build_one = functools.partial(lambda key, r: build(key.split()[0], base, r, x), r=r)
@@ -261,18 +267,18 @@ def fold_line(res: harness.Results) -> str:
     return f"{what}: {fold:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(fold, plain):+.1f}%"
 
 
-def tma_line(res: harness.Results) -> str:
-    """Whether ``ADALORA_FAST_TMA_GEMM`` should become the default: fused_tma vs fused, fwd+bwd at the
-    goal point, and its overhead over the base."""
+def opt_in_line(res: harness.Results, provider: str) -> str:
+    """Whether ``provider``'s opt-in GEMM should become the default: it vs fused, fwd+bwd at the goal
+    point, and its overhead over the base."""
     g = {"op": OP, "mode": "fwd+bwd", "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
-    tma, plain = (res.get(provider=p, r=GOAL["r"], **g) for p in ("fused_tma", "fused"))
+    new, plain = (res.get(provider=p, r=GOAL["r"], **g) for p in (provider, "fused"))
     base = res.get(provider="base", **g)
-    what = f"fused_tma fwd+bwd vs fused fwd+bwd at the goal point (r {GOAL['r']})"
-    if tma is None or plain is None or base is None:
+    what = f"{provider} fwd+bwd vs fused fwd+bwd at the goal point (r {GOAL['r']})"
+    if new is None or plain is None or base is None:
         return f"{what}: NOT MEASURED (needs CUDA)"
     return (
-        f"{what}: {tma:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(tma, plain):+.1f}%; "
-        f"over the base {harness.overhead_pct(tma, base):+.1f}% (goal <= +{GOAL_PCT:.0f}%)"
+        f"{what}: {new:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(new, plain):+.1f}%; "
+        f"over the base {harness.overhead_pct(new, base):+.1f}% (goal <= +{GOAL_PCT:.0f}%)"
     )
 
 
@@ -327,7 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         title=f"{OP} benchmark",
         device=device,
         csv_names=("gpu_svd_linear.csv", "cpu_svd_linear.csv"),
-        goals=lambda res: [goal_line(res), fold_line(res), tma_line(res), graphed_line(res)],
+        goals=lambda res: [
+            goal_line(res),
+            fold_line(res),
+            opt_in_line(res, "fused_tma"),
+            opt_in_line(res, "fused_cublas"),
+            graphed_line(res),
+        ],
         intro=intro,
     )
 

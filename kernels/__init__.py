@@ -21,7 +21,8 @@ Index (file: what it computes; who calls it):
   kernel made; ``base_plus_svd`` (forward ``y``, backward ``dx``).
 - ``base_plus_svd.py``: the adapted layer on a base whose product another library computes
   (bitsandbytes' 4/8-bit): ``x_at``, ``y_plus_sb``, ``xt_s`` under one autograd Function;
-  ``adalora_fast.functional.svd_linear`` with ``backend="triton"`` on a quantised base (opt-in).
+  ``adalora_fast.functional.svd_linear`` with ``backend="triton"`` on a quantised base (opt-in), and on
+  a floating-point base after ``F.linear`` with ``ADALORA_FAST_CUBLAS_GEMM=1`` (opt-in).
 - ``dropout_mask.py``: the Philox keep mask of a seed, materialised; tests and references only.
 - ``svd_linear.py``: the ``torch.library`` ops ``adalora_fast::svd_linear_fwd / _bwd / _infer`` (fake
   implementations, autograd) on the three kernels above; ``adalora_fast.functional.svd_linear``.

@@ -6,10 +6,13 @@ Forward: ``x_at`` (S = drop(x) Q^T, M x r fp32, kept for the backward), then ``y
 base's own autograd gives its part of dx; here ``x_at`` (G = dy P), ``y_plus_sb`` onto zeros (the
 low-rank part of dx, through the regenerated dropout mask), ``xt_s`` twice (dQ, dP) and one
 reduction for d(lambda), as in ``svd_linear``'s backward. Opt-in (``backend="triton"``) until a GPU
-run shows it faster than the PyTorch path on such bases.
+run shows it faster than the PyTorch path on such bases; on floating-point bases with
+``ADALORA_FAST_CUBLAS_GEMM=1`` (cuBLAS GEMMs plus one read-modify-write of y and of dx).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -20,6 +23,9 @@ from .xt_s import xt_s
 from .y_plus_sb import y_plus_sb
 
 SEED_HIGH = 2**62
+# ADALORA_FAST_CUBLAS_GEMM=1: floating-point bases take this path too (the base product by cuBLAS,
+# the low-rank term added into it), opt-in until a GPU run shows it faster than svd_linear's GEMM.
+FLOAT_BASES = os.environ.get("ADALORA_FAST_CUBLAS_GEMM", "0") not in ("", "0")
 
 
 class _LowRankInto(torch.autograd.Function):

@@ -158,6 +158,36 @@ def test_layer_triton_matches_torch(device):
 
 @pytest.mark.usefixtures("svd_linear_kernels")
 @pytest.mark.parametrize("device", DEVICES)
+def test_cublas_gemm_opt_in_matches_the_torch_path(device, monkeypatch):
+    """ADALORA_FAST_CUBLAS_GEMM (opt-in): a floating-point base's product by cuBLAS (F.linear), the
+    low-rank term added into it by kernels/base_plus_svd.py; y and every gradient as the torch path
+    gives them, in fp32 and under fp16 autocast."""
+    from adalora_fast.kernels import base_plus_svd
+
+    calls = []
+    real = base_plus_svd.base_plus_svd
+    monkeypatch.setattr(base_plus_svd, "FLOAT_BASES", True)
+    monkeypatch.setattr(base_plus_svd, "base_plus_svd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for amp in (None, torch.float16):
+        fused, plain = _layer("triton", device), _layer("torch", device)
+        x = torch.randn(3, 11, 40, device=device, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        with torch.autocast(device, dtype=amp or torch.float16, enabled=amp is not None):
+            y, y_ref = fused(x), plain(x2)
+        assert y.dtype == y_ref.dtype == (amp or torch.float32)
+        tol = 1e-5 if amp is None else 4e-3  # the torch path rounds the low-rank product to fp16 too
+        assert max_rel_err(y, y_ref) <= tol
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_ref.backward(dy)
+        assert max_rel_err(x.grad, x2.grad) <= tol
+        for name in ("lora_A", "lora_E", "lora_B"):
+            assert max_rel_err(getattr(fused, name).grad, getattr(plain, name).grad) <= tol, name
+    assert len(calls) == 2
+
+
+@pytest.mark.usefixtures("svd_linear_kernels")
+@pytest.mark.parametrize("device", DEVICES)
 def test_dropout_only_in_training_mode(device):
     layer = _layer("triton", device, dropout=0.5)
     x = torch.randn(9, 40, device=device)
