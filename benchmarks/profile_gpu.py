@@ -163,6 +163,19 @@ def profile_svd_linear(rows: Rows, d_in: int, d_out: int, tokens: int, r: int) -
     rows.time(sec, "xt_s  dA = (G lam)^T x", lambda: xt_s(x, gm, E, ranknum, scaling))
     rows.time(sec, "xt_s  dB^T = (S lam)^T dy", lambda: xt_s(dy, s, E, ranknum, scaling))
     rows.time(sec, "torch dE = sum(G * S)", lambda: (gm * s).sum(0))
+    # the opt-in kernels, each beside what it replaces
+    from adalora_fast.kernels.xt_s import xt_s_dlambda
+    from adalora_fast.kernels.xw_plus_sb_tma import launch_xw_plus_sb_tma, tma_reason
+
+    fold = lambda: xt_s_dlambda(x, gm, s, E, ranknum, scaling)  # noqa: E731
+    rows.time(sec, "xt_s_dlambda  dA and dE in one launch", fold)
+    if tma_reason(x, W.t(), s) is None:
+        fwd_tma = lambda: launch_xw_plus_sb_tma(x, W.t(), None, s, B.t(), E, ranknum, scaling, None, 0.0)  # noqa: E731
+        dx_tma = lambda: launch_xw_plus_sb_tma(dy, W, None, gm, A, E, ranknum, scaling, None, 0.0)  # noqa: E731
+        rows.time(sec, "xw_plus_sb_tma fwd (S given)", fwd_tma)
+        rows.time(sec, "xw_plus_sb_tma dx (G given)", dx_tma)
+    else:
+        print(f"  xw_plus_sb_tma not timed: {tma_reason(x, W.t(), s)}")
     # x_at's grid has only M / BLOCK_M programs (128 at 8,192 tokens): a tile sweep for the next change
     for tiles in ((64, 64, 8), (32, 64, 4), (16, 64, 4), (32, 128, 4), (16, 128, 4), (128, 64, 8)):
         name = "x".join(map(str, tiles[:2])) + f"/{tiles[2]}w"
