@@ -216,9 +216,10 @@ class PeftAdaLoraDriver:
                 self.peft_forward_layers[name] = str(err)
                 continue
             layer.forward = types.MethodType(_fused_layer_forward(self), layer)
-        # The engine check at the transformers model's forward: every PeftModel.forward reaches it (one
-        # without a task type calls it directly, past the tuner's forward), and activation checkpointing
-        # never reruns it in backward, where no DDP forward is running.
+        # The engine check at the transformers model's forward (a PeftModel without a task type calls
+        # the model directly, past the tuner) and in the tuner's forward (the task-type models call
+        # model.forward, past its hooks); activation checkpointing never reruns either in backward,
+        # where no DDP forward is running.
         self._engine_hook = self.model.register_forward_pre_hook(self._check_engine)
         tuner = self.tuner
         tuner.forward = types.MethodType(_tuner_forward, tuner)
@@ -401,8 +402,10 @@ def _fused_layer_forward(driver: PeftAdaLoraDriver):
 
 def _tuner_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """PEFT's AdaLoRA tuner forward with our regulariser (PEFT's value: the mean Frobenius defect)."""
-    outputs = self.model.forward(*args, **kwargs)
     driver: PeftAdaLoraDriver = getattr(self, DRIVER_ATTR)
+    # PEFT calls model.forward here, past the hooks of the transformers model: the engine check too.
+    driver._check_engine(self.model, args)
+    outputs = self.model.forward(*args, **kwargs)
     loss = getattr(outputs, "loss", None)
     if driver.orth_reg_added_by_caller or not isinstance(loss, torch.Tensor):
         return outputs

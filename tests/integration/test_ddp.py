@@ -129,8 +129,20 @@ def _rank_peft_checkpointing(rank: int, out: Path) -> None:
         pm.base_model.update_and_allocate(step)
         opt.zero_grad()
     assert pm.base_model.model.model.gradient_checkpointing and pm.training
-    weights = {n: p.detach().tolist() for n, p in pm.named_parameters() if p.requires_grad}
-    (out / f"peft_ckpt_rank{rank}.json").write_text(json.dumps(weights))
+    record: dict[str, object] = {n: p.detach().tolist() for n, p in pm.named_parameters() if p.requires_grad}
+    # With a task type (PeftModelForCausalLM calls the tuner, which calls model.forward past its hooks)
+    # the check still runs: refused without DDP, trained under it.
+    for wrap in (False, True):
+        causal = peft_adalora(tiny_llama(2), LLAMA_PROJ, total_step=4, task_type="CAUSAL_LM")
+        af.accelerate_peft(causal)
+        model = torch.nn.parallel.DistributedDataParallel(causal) if wrap else causal
+        x = batches(1, batch=2, seq=SEQ)[0]
+        try:
+            model(input_ids=x, labels=x).loss.backward()
+            record[f"causal wrap={wrap}"] = "trained"
+        except RuntimeError as e:
+            record[f"causal wrap={wrap}"] = str(e)
+    (out / f"peft_ckpt_rank{rank}.json").write_text(json.dumps(record))
 
 
 def _rank_main(scenario: str, rank: int, store: str, out: Path) -> None:
@@ -201,10 +213,12 @@ def test_uneven_inputs_under_join_are_refused_or_stop_every_rank_alike(tmp_path)
     assert ranks[0]["after block weights"] == ranks[1]["after block weights"]
 
 
-def test_peft_model_accelerated_in_place_with_gradient_checkpointing_trains_under_ddp(tmp_path):
+def test_peft_model_accelerated_in_place_is_checked_once_per_forward_under_ddp(tmp_path):
     _launch("peft_ckpt", tmp_path)
     ranks = [json.loads((tmp_path / f"peft_ckpt_rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0] and ranks[0] == ranks[1]
+    assert ranks[0]["causal wrap=False"].startswith("adalora_fast cannot train under an engine other than")
+    assert ranks[0]["causal wrap=True"] == "trained"
 
 
 if __name__ == "__main__":
