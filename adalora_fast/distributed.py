@@ -52,12 +52,13 @@ _STALE_JOIN_ATTR = "_adalora_stale_join_config"
 
 def _join_alive(ddp: nn.Module) -> bool:
     """True while a ``torch.distributed.algorithms.join.Join`` object holding ``ddp`` exists. A ``with
-    Join([ddp]):`` statement holds its Join only until the block ends (nothing else refers to it)."""
+    Join([ddp]):`` statement holds its Join only until the block ends (nothing else refers to it); a
+    Join the caller keeps in a variable counts as running until it is dropped."""
     join_cls = getattr(sys.modules.get("torch.distributed.algorithms.join"), "Join", None)
     if join_cls is None:
         return False
-    for holder in gc.get_referrers(ddp):  # Join._joinables, the list that names ddp
-        if isinstance(holder, list) and any(
+    for holder in gc.get_referrers(ddp):  # Join._joinables, the list (or tuple) that names ddp
+        if isinstance(holder, (list, tuple)) and any(
             isinstance(owner, join_cls) or (isinstance(owner, dict) and owner.get("_joinables") is holder)
             for owner in gc.get_referrers(holder)
         ):

@@ -66,7 +66,7 @@ def _xt_s_kernel(
     x_ptr, s_ptr, e_ptr, ranknum_ptr, seed_ptr, out_ptr, s2_ptr, dlam_ptr,
     M, C, R, rows_per_split,
     stride_xm, stride_xc, stride_sm, stride_sr, stride_e, stride_osplit, stride_or, stride_oc,
-    stride_s2m, stride_s2r, stride_dsplit,
+    stride_s2m, stride_s2r, stride_dsplit, stride_dr,
     scaling, p_drop,
     DROPOUT: tl.constexpr, FOLD_DLAM: tl.constexpr, PREC: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -79,7 +79,7 @@ def _xt_s_kernel(
         # One extra column of programs reduces d(lambda) per split: the dQ tiles keep their registers.
         _dlam_partial(
             s_ptr, s2_ptr, ranknum_ptr, dlam_ptr + split * stride_dsplit, m_start, m_end, R,
-            stride_sm, stride_sr, stride_s2m, stride_s2r, stride_e, scaling, R_PAD, BLOCK_M,
+            stride_sm, stride_sr, stride_s2m, stride_s2r, stride_dr, scaling, R_PAD, BLOCK_M,
         )  # fmt: skip
     else:
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -172,15 +172,16 @@ def launch_xt_s(
         dlam = torch.empty((R, 1) if splits == 1 else (splits, R, 1), device=x.device,
                            dtype=lora_E.dtype if splits == 1 else torch.float32)  # fmt: skip
         stride_dsplit = 0 if splits == 1 else dlam.stride(0)
+        stride_dr = dlam.stride(-2)  # the output's own rows (not lora_E's, which may be strided)
         s2_strides = s_fwd.stride()
     else:
-        dlam, stride_dsplit, s2_strides = out, 0, (0, 0)
+        dlam, stride_dsplit, stride_dr, s2_strides = out, 0, 0, (0, 0)
     xs, ss = x.stride(), s.stride()
     _xt_s_kernel[(c_blocks + fold, splits)](
         x, s, lora_E, ranknum, seed if seed is not None else out, out, s_fwd if fold else s, dlam,
         M, C, R, rows_per_split,
         xs[0], xs[1], ss[0], ss[1], lora_E.stride(0), stride_split, stride_or, stride_oc,
-        s2_strides[0], s2_strides[1], stride_dsplit,
+        s2_strides[0], s2_strides[1], stride_dsplit, stride_dr,
         float(scaling), float(dropout_p),
         DROPOUT=dropout_p > 0.0, FOLD_DLAM=fold, PREC=dot_precision(x.dtype), R_PAD=r_pad,
         BLOCK_C=block_c, BLOCK_M=block_m,

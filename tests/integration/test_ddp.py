@@ -88,7 +88,8 @@ def _rank_join(rank: int, out: Path) -> None:
         opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=LR)
         steps = 0
         try:
-            with Join([ddp], throw_on_early_termination=throw):
+            # Join stores the joinables as given: a tuple as well as a list
+            with Join((ddp,) if not throw else [ddp], throw_on_early_termination=throw):
                 for step, x in enumerate(data):
                     ddp(input_ids=x, labels=x).loss.backward()
                     opt.step()

@@ -83,6 +83,22 @@ def test_xt_s_dlambda_folds_the_lambda_gradient_into_the_dq_pass(device, M, C, R
     assert max_rel_err(dlam, ref) <= tol
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M", [40, 4099])
+def test_xt_s_dlambda_with_a_strided_lambda(device, M):
+    """lora_E a column of a wider tensor (row stride 3): read through its stride, d(lambda) still
+    written as a fresh contiguous (R, 1), with one split and several."""
+    gen = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 24, generator=gen).to(device)
+    grad, s = (torch.randn(M, 5, generator=gen).to(device) for _ in range(2))
+    E = torch.randn(5, 3, generator=gen).to(device)[:, :1]
+    ranknum = torch.tensor([6.0], device=device)
+    dq, dlam = mod.xt_s_dlambda(x, grad, s, E, ranknum, 2.0)
+    assert torch.equal(dq, mod.xt_s(x, grad, E.contiguous(), ranknum, 2.0))
+    ref = (grad.double() * s.double()).sum(0, keepdim=True).T * (2.0 / (6.0 + 1e-5))
+    assert dlam.shape == (5, 1) and dlam.is_contiguous() and max_rel_err(dlam, ref) <= 1e-5
+
+
 def test_xt_s_dlambda_checks_s():
     x, g, E = torch.randn(8, 4), torch.randn(8, 3), torch.randn(3, 1)
     with pytest.raises(ValueError, match="xt_s_dlambda: s must be float32"):
@@ -97,7 +113,7 @@ from tests.kernels.sm90 import resource_usage
 
 ptrs = ["x_ptr", "s_ptr", "e_ptr", "ranknum_ptr", "seed_ptr", "out_ptr", "s2_ptr", "dlam_ptr"]
 ints = ["M", "C", "R", "rows_per_split", "stride_xm", "stride_xc", "stride_sm", "stride_sr", "stride_e",
-        "stride_osplit", "stride_or", "stride_oc", "stride_s2m", "stride_s2r", "stride_dsplit"]
+        "stride_osplit", "stride_or", "stride_oc", "stride_s2m", "stride_s2r", "stride_dsplit", "stride_dr"]
 for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
     for r_pad in (16, 32, 64, 128):
         block_c, block_m, warps = mod._tiles(torch.empty(1, dtype=dtype), r_pad)
