@@ -62,11 +62,11 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP: tl.constexpr):
 @triton.jit
 def _xw_plus_sb_tma_kernel(
     x_desc, w_desc, out_desc, bias_ptr, s_ptr, b_ptr, e_ptr, ranknum_ptr, seed_ptr,
-    M, N, K, R,
+    M, N, K, R, num_programs,
     stride_sm, stride_sr, stride_br, stride_bn, stride_e,
     scaling, p_drop,
     OUT_DTYPE: tl.constexpr, W_NK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    LOW_PREC: tl.constexpr, R_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    LOW_PREC: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     start = tl.program_id(0)
@@ -78,7 +78,7 @@ def _xw_plus_sb_tma_kernel(
     lam = adapter_lambda(e_ptr, stride_e, ranknum_ptr, offs_r, R, scaling)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    for tile in tl.range(start, num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=False):
+    for tile in tl.range(start, num_pid_m * num_pid_n, num_programs, flatten=False):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,8 +115,11 @@ def _xw_plus_sb_tma_kernel(
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """A 2-D tensor TMA can describe: last dimension contiguous, rows and start 16-byte aligned."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    """A 2-D tensor TMA can describe: last dimension contiguous, rows apart (not broadcast: stride 0)
+    and 16-byte aligned, the start 16-byte aligned."""
+    rows_apart = t.stride(0) >= t.shape[1] or t.shape[0] <= 1
+    aligned = (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.stride(1) == 1 and rows_apart and aligned
 
 
 def tma_reason(x: torch.Tensor, w_kn: torch.Tensor, s: torch.Tensor | None) -> str | None:
@@ -127,8 +130,10 @@ def tma_reason(x: torch.Tensor, w_kn: torch.Tensor, s: torch.Tensor | None) -> s
         return f"rank {s.shape[1]} > {TMA_MAX_RANK} (its staged operands would exceed shared memory)"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"{x.dtype} activations (the TMA GEMM takes fp16 / bf16)"
-    if not INTERPRET and not (x.is_cuda and _hopper(x.device.index if x.device.index is not None else 0)):
-        return "TMA needs an sm_90 (Hopper) or newer GPU"
+    if not _triton_has_tma():
+        return f"triton {triton.__version__} has no tensor descriptors (3.4 or newer has)"
+    if not INTERPRET and not (x.is_cuda and _tma_gpu(x.device.index if x.device.index is not None else 0)):
+        return "TMA needs an sm_90 or sm_100 GPU (Hopper, datacenter Blackwell)"
     if not _aligned(x):
         return "x is not row-major with 16-byte aligned rows"
     if not (_aligned(w_kn) or _aligned(w_kn.t())):
@@ -170,11 +175,11 @@ def launch_xw_plus_sb_tma(
     _xw_plus_sb_tma_kernel[(programs,)](
         x_desc, w_desc, out_desc, bias if bias is not None else s, s, b_rn, lora_E, ranknum,
         seed if seed is not None else s,
-        M, N, K, R,
+        M, N, K, R, programs,  # a runtime step: a new M does not compile a new kernel
         ss[0], ss[1], bs[0], bs[1], lora_E.stride(0),
         float(scaling), float(dropout_p),
         OUT_DTYPE=_TL_DTYPES[x.dtype], W_NK=w_nk, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
-        LOW_PREC=fp32_pair_precision(x.dtype), R_PAD=rank_pad(R), NUM_PROGRAMS=programs,
+        LOW_PREC=fp32_pair_precision(x.dtype), R_PAD=rank_pad(R),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -196,5 +201,16 @@ def _programs(device: torch.device) -> int:
 
 
 @cache
-def _hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _tma_gpu(device_index: int) -> bool:
+    """sm_90 / sm_100 (Hopper, datacenter Blackwell): TMA and the 227 KB of shared memory the configs
+    need (consumer GPUs such as sm_120 have about 100 KB)."""
+    return torch.cuda.get_device_capability(device_index)[0] in (9, 10)
+
+
+def _triton_has_tma() -> bool:
+    """Host tensor descriptors and their in-kernel load / store (Triton >= 3.4)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(tl, "make_tensor_descriptor")

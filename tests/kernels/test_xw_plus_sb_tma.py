@@ -64,6 +64,8 @@ def test_calls_the_tma_gemm_cannot_take_are_named(device):
     assert "16-byte aligned" in mod.tma_reason(torch.randn(8, 18, device=device).half()[:, :16], w_kn, s)
     assert "weight" in mod.tma_reason(x, torch.randn(16, 48, device=device).half()[:, ::2], s)
     assert "rank 65 > 64" in mod.tma_reason(x, w_kn, torch.randn(8, 65, device=device))
+    broadcast = torch.randn(1, 16, device=device).half().expand(8, 16)  # rows of stride 0 (a sum's grad)
+    assert "x is not row-major" in mod.tma_reason(broadcast, w_kn, s)
 
 
 # ---- compiled for sm_90 (no GPU needed) ---------------------------------------------------------
@@ -75,7 +77,7 @@ from triton.compiler import ASTSource
 from adalora_fast.kernels import xw_plus_sb_tma as mod
 from tests.kernels.sm90 import resource_usage
 
-ints = ["M", "N", "K", "R", "stride_sm", "stride_sr", "stride_br", "stride_bn", "stride_e"]
+ints = ["M", "N", "K", "R", "num_programs", "stride_sm", "stride_sr", "stride_br", "stride_bn", "stride_e"]
 ptrs = {"bias_ptr": "*bf16", "s_ptr": "*fp32", "b_ptr": "*fp32", "e_ptr": "*fp32", "ranknum_ptr": "*fp32",
         "seed_ptr": "*i64"}
 for w_nk in (True, False):
@@ -87,7 +89,7 @@ for w_nk in (True, False):
                    "out_desc": f"tensordesc<bf16[{bm}, {bn}]>", **ptrs, **dict.fromkeys(ints, "i32"),
                    "scaling": "fp32", "p_drop": "fp32"}
             consts = {"OUT_DTYPE": mod._TL_DTYPES[torch.bfloat16], "W_NK": w_nk, "HAS_BIAS": True,
-                      "DROPOUT": dropout, "LOW_PREC": "tf32x3", "R_PAD": r_pad, "NUM_PROGRAMS": 132,
+                      "DROPOUT": dropout, "LOW_PREC": "tf32x3", "R_PAD": r_pad,
                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP": mod.GROUP_M}
             options = {"num_warps": warps, "num_stages": stages}
             src = ASTSource(fn=mod._xw_plus_sb_tma_kernel, constexprs=consts,
