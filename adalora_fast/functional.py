@@ -84,11 +84,13 @@ def svd_linear(
         from .kernels import svd_linear as kernel
 
         if base_plus_svd.FLOAT_BASES:  # opt-in: cuBLAS GEMMs, the low-rank term added into their output
-            y = base_linear(x, weight, bias, fan_in_fan_out)
-            xa = x.to(y.dtype) if kernel.autocast_dtype(x.device.type) is not None else x
-            return base_plus_svd.base_plus_svd(
+            x2 = x.reshape(-1, x.shape[-1])  # 2-D: the GEMM's output is no view (a view would be copied)
+            y = base_linear(x2, weight, bias, fan_in_fan_out)
+            xa = x2.to(y.dtype) if kernel.autocast_dtype(x.device.type) is not None else x2
+            y = base_plus_svd.base_plus_svd(
                 y, xa, lora_A, lora_E, lora_B, ranknum, scaling, dropout_p=dropout_p
             )
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return kernel.svd_linear(
             x, weight, bias, lora_A, lora_E, lora_B, ranknum, scaling,
             dropout_p=dropout_p, fan_in_fan_out=fan_in_fan_out,

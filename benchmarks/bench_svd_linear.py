@@ -217,8 +217,10 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
     case.checked = [k for k in layers if k.startswith(("fused", "peft "))]
 
     def step(key: str, layer: nn.Module, mode: str) -> Any:
-        fn = layer_step(mode, layer, x, dy, [x, *layer.parameters()])
-        return opted_in(key.split()[0], fn)
+        # The switch on around the forward (the "bwd" mode records it here, once) and every timed call.
+        provider = key.split()[0]
+        fn = layer_step(mode, opted_in(provider, layer), x, dy, [x, *layer.parameters()])
+        return opted_in(provider, fn)
 
     case.providers = {key: functools.partial(step, key, layer) for key, layer in layers.items()}
 
