@@ -67,7 +67,6 @@ def stub_triton_launches() -> None:
 def providers() -> dict[str, Callable[[], None]]:
     """One fwd+bwd closure per provider, on the same tensors (x and the factors train, W is frozen)."""
     from adalora_fast.kernels import svd_linear as kernel
-    from adalora_fast.kernels import xt_s
 
     from adalora_fast import functional
 
@@ -80,13 +79,6 @@ def providers() -> dict[str, Callable[[], None]]:
 
     def fused() -> None:
         kernel.svd_linear(x, weight, None, *factors, ranknum, 2.0).backward(dy)
-
-    def fused_fold() -> None:  # ADALORA_FAST_FOLD_DLAMBDA=1: d(lambda) inside the dQ kernel
-        fold, xt_s.FOLD_DLAMBDA = xt_s.FOLD_DLAMBDA, True
-        try:
-            fused()
-        finally:
-            xt_s.FOLD_DLAMBDA = fold
 
     def torch_path() -> None:
         functional.svd_linear(x, weight, None, *factors, ranknum, 2.0, backend="torch").backward(dy)
@@ -110,6 +102,7 @@ def providers() -> dict[str, Callable[[], None]]:
     def function_floor() -> None:
         _Floor.apply(x, *factors).backward(dy)
 
+    fused_fold = harness.opted_in("fused_fold", fused)  # ADALORA_FAST_FOLD_DLAMBDA=1
     return {"fused": fused, "fused_fold": fused_fold, "torch": torch_path, "linear": linear,
             "function_floor": function_floor}  # fmt: skip
 

@@ -138,34 +138,6 @@ def inputs(d_in: int, d_out: int, tokens: int, device: str, dtype: torch.dtype) 
     return frozen_linear(d_in, d_out, device, dtype, seed=SEED), x, dy
 
 
-# Opt-in kernels, each a provider of its own: (kernel module, its switch).
-OPT_IN = {
-    "fused_fold": ("xt_s", "FOLD_DLAMBDA"),
-    "fused_tma": ("xw_plus_sb_tma", "TMA_GEMM"),
-    "fused_cublas": ("base_plus_svd", "FLOAT_BASES"),
-}
-
-
-def opted_in(provider: str, fn: Any) -> Any:
-    """``fn`` run with ``provider``'s opt-in switch on (its backward included), or ``fn`` itself."""
-    if provider not in OPT_IN:
-        return fn
-    import importlib
-
-    module_name, switch = OPT_IN[provider]
-    module = importlib.import_module(f"adalora_fast.kernels.{module_name}")
-
-    def run(*args: Any) -> Any:
-        before = getattr(module, switch)
-        setattr(module, switch, True)
-        try:
-            return fn(*args)
-        finally:
-            setattr(module, switch, before)
-
-    return run
-
-
 def graph(layer: nn.Module, x: torch.Tensor) -> nn.Module:
     """``layer`` with its forward and backward captured as CUDA graphs
     (``torch.cuda.make_graphed_callables``; x's shape is then fixed): what static-shape training
@@ -219,8 +191,8 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
     def step(key: str, layer: nn.Module, mode: str) -> Any:
         # The switch on around the forward (the "bwd" mode records it here, once) and every timed call.
         provider = key.split()[0]
-        fn = layer_step(mode, opted_in(provider, layer), x, dy, [x, *layer.parameters()])
-        return opted_in(provider, fn)
+        fn = layer_step(mode, harness.opted_in(provider, layer), x, dy, [x, *layer.parameters()])
+        return harness.opted_in(provider, fn)
 
     case.providers = {key: functools.partial(step, key, layer) for key, layer in layers.items()}
 
@@ -231,7 +203,7 @@ def setup(config: tuple, providers: list[str], device: str, dtype: torch.dtype) 
         problem = fused_problem(layers[key], x) if key.startswith("fused") else None
         if problem is not None:
             return False, problem
-        got = opted_in(key.split()[0], outputs_and_grads)(layers[key], x, dy)
+        got = harness.opted_in(key.split()[0], outputs_and_grads)(layers[key], x, dy)
         want = outputs_and_grads(ref, x, dy)
         errs = {k: max_rel_err(got.get(k), v) for k, v in want.items()}
         desc = " ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (max rel, tol {TOL[dtype]:g})"
@@ -258,42 +230,18 @@ def goal_line(res: harness.Results) -> str:
     return f"{what}: {fused:.3f} ms vs {base:.3f} ms = {pct:+.1f}% (goal <= +{GOAL_PCT:.0f}%): {verdict}"
 
 
-def fold_line(res: harness.Results) -> str:
-    """Whether ``ADALORA_FAST_FOLD_DLAMBDA`` should become the default: fused_fold vs fused, the
-    backward at the goal point."""
-    g = {"op": OP, "mode": "bwd", "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
-    fold, plain = (res.get(provider=p, r=GOAL["r"], **g) for p in ("fused_fold", "fused"))
-    what = f"fused_fold bwd vs fused bwd at the goal point (r {GOAL['r']})"
-    if fold is None or plain is None:
-        return f"{what}: NOT MEASURED (needs CUDA)"
-    return f"{what}: {fold:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(fold, plain):+.1f}%"
-
-
-def opt_in_line(res: harness.Results, provider: str) -> str:
-    """Whether ``provider``'s opt-in GEMM should become the default: it vs fused, fwd+bwd at the goal
-    point, and its overhead over the base."""
-    g = {"op": OP, "mode": "fwd+bwd", "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
-    new, plain = (res.get(provider=p, r=GOAL["r"], **g) for p in (provider, "fused"))
+def verdict_line(res: harness.Results, provider: str, reference: str = "fused", mode: str = "fwd+bwd") -> str:
+    """``provider`` against ``reference`` at the goal point (an opt-in becomes the default only if
+    faster), and against the base."""
+    g = {"op": OP, "mode": mode, "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
+    new = res.get(provider=provider, r=GOAL["r"], **g)
+    ref = res.get(provider=reference, r=None if reference.startswith("base") else GOAL["r"], **g)
     base = res.get(provider="base", **g)
-    what = f"{provider} fwd+bwd vs fused fwd+bwd at the goal point (r {GOAL['r']})"
-    if new is None or plain is None or base is None:
+    what = f"{provider} {mode} vs {reference} {mode} at the goal point (r {GOAL['r']})"
+    if new is None or ref is None:
         return f"{what}: NOT MEASURED (needs CUDA)"
-    return (
-        f"{what}: {new:.3f} ms vs {plain:.3f} ms = {harness.overhead_pct(new, plain):+.1f}%; "
-        f"over the base {harness.overhead_pct(new, base):+.1f}% (goal <= +{GOAL_PCT:.0f}%)"
-    )
-
-
-def graphed_line(res: harness.Results) -> str:
-    """The goal point with both layers captured as CUDA graphs (no host work): what static-shape
-    training reaches."""
-    g = {"op": OP, "mode": "fwd+bwd", "d_in": GOAL["d_in"], "d_out": GOAL["d_out"], "tokens": GOAL["tokens"]}
-    fused = res.get(provider="fused_graphed", r=GOAL["r"], **g)
-    base = res.get(provider="base_graphed", **g)
-    what = f"graphed fused fwd+bwd vs graphed base fwd+bwd at the goal point (r {GOAL['r']})"
-    if fused is None or base is None:
-        return f"{what}: NOT MEASURED (needs CUDA and --providers ... fused_graphed)"
-    return f"{what}: {fused:.3f} ms vs {base:.3f} ms = {harness.overhead_pct(fused, base):+.1f}%"
+    line = f"{what}: {new:.3f} ms vs {ref:.3f} ms = {harness.overhead_pct(new, ref):+.1f}%"
+    return line if base is None else f"{line}; over the base {harness.overhead_pct(new, base):+.1f}%"
 
 
 def _ints(text: str) -> list[int]:
@@ -337,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         csv_names=("gpu_svd_linear.csv", "cpu_svd_linear.csv"),
         goals=lambda res: [
             goal_line(res),
-            fold_line(res),
-            opt_in_line(res, "fused_tma"),
-            opt_in_line(res, "fused_cublas"),
-            graphed_line(res),
+            verdict_line(res, "fused_fold", mode="bwd"),  # the fold changes the backward only
+            verdict_line(res, "fused_tma"),
+            verdict_line(res, "fused_cublas"),
+            verdict_line(res, "fused_graphed", reference="base_graphed"),
         ],
         intro=intro,
     )

@@ -266,7 +266,7 @@ note "goal (quick, do_bench warmup 25 / rep 100 ms): $(goal "$OUTDIR/quick/bench
 note "goal (full grid, do_bench warmup 10 / rep 40 ms): $(goal "$OUTDIR/bench_svd_linear.log")"
 # The opt-in kernels' verdicts at the goal point (they become the default only if faster).
 if [[ -f $OUTDIR/quick/bench_svd_linear.log ]]; then
-    note "opt-in (quick): $(grep -E '^(fused_fold|fused_tma|fused_cublas|graphed) ' "$OUTDIR/quick/bench_svd_linear.log" | paste -sd ';' - || true)"
+    note "opt-in (quick): $(grep -E '^fused_(fold|tma|cublas|graphed) ' "$OUTDIR/quick/bench_svd_linear.log" | paste -sd ';' - || true)"
 fi
 note "goals (update_and_allocate --quick, inference, train_e2e --quick): $(grep '^GOAL' "$XTRA_LOG" 2>/dev/null | paste -sd ';' - || true)"
 if [[ -f $XTRA_LOG ]] && grep -q '^| fused |' "$XTRA_LOG"; then

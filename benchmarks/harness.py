@@ -34,6 +34,7 @@ import argparse
 import csv
 import datetime as _dt
 import gc
+import importlib
 import math
 import os
 import signal
@@ -392,6 +393,32 @@ def gpu_median_ms(
     if min_samples > 1:
         rep = max(rep, math.ceil(min_samples * time_cpu(fn, warmup=1, iters=3)))
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median", **kwargs))
+
+
+# Opt-in kernels, each a provider of its own: (kernel module, its switch).
+OPT_IN = {
+    "fused_fold": ("xt_s", "FOLD_DLAMBDA"),
+    "fused_tma": ("xw_plus_sb_tma", "TMA_GEMM"),
+    "fused_cublas": ("base_plus_svd", "FLOAT_BASES"),
+}
+
+
+def opted_in(provider: str, fn: Any) -> Any:
+    """``fn`` run with ``provider``'s opt-in switch on (its backward included), or ``fn`` itself."""
+    if provider not in OPT_IN:
+        return fn
+    module_name, switch = OPT_IN[provider]
+    module = importlib.import_module(f"adalora_fast.kernels.{module_name}")
+
+    def run(*args: Any) -> Any:
+        before = getattr(module, switch)
+        setattr(module, switch, True)
+        try:
+            return fn(*args)
+        finally:
+            setattr(module, switch, before)
+
+    return run
 
 
 def enqueue_us(fn: Callable[[], Any], iters: int = 20) -> float:
